@@ -163,7 +163,7 @@ class Uniform(Graph):
         return out.scatter(-1, x[..., None], 0.0)  # s(x)_{x^l} = 1 by definition
 
     def predictor_log_probs(self, out, x, noise, t, s):
-        # Euler / tau-leaping: P(x^l -> v) = dt Qbar(x -> x^{l<-v}) (section 2).
+        # Euler / tau-leaping with the learned reverse rates Qbar(x -> x^{l<-v}) (section 2).
         sigmabar, sigma = noise(t)
         return tau_leap_log_probs(self.log_reverse_rate(out, x, sigmabar, sigma), x, t - s)
 
@@ -287,14 +287,17 @@ def model_output(model: nn.Module, graph: Graph, x: Tensor, sigmabar: Tensor) ->
 
 
 def tau_leap_log_probs(log_rate: Tensor, x: Tensor, dt: Tensor) -> Tensor:
-    """One tau-leaping step per token: P(x^l -> v) = dt * rate_v (v != x^l), stay otherwise;
-    if the moves add up to more than 1 they are renormalised and the stay probability is 0."""
-    log_move = (log_rate + _col(dt).log()).scatter(-1, x[..., None], NEG_INF)
-    total = torch.logsumexp(log_move, -1, keepdim=True)
-    log_move = log_move - total.clamp(min=0)
-    # clamp instead of log(0): keeps autograd finite where the stay probability vanishes
-    log_stay = torch.log((-torch.expm1(total.clamp(max=0))).clamp(min=_tiny(total)))
-    return log_move.scatter(-1, x[..., None], log_stay)
+    """One tau-leaping step per token with total leaving rate lambda = sum_v rate_v:
+    P(stay) = exp(-lambda dt), P(x^l -> v) = (1 - exp(-lambda dt)) rate_v / lambda.
+    To first order this is section 2's P = dt * rate; unlike the clamped form it never needs
+    renormalising and gives every move a positive probability, which SNIS (section 4) needs."""
+    log_rate = log_rate.scatter(-1, x[..., None], NEG_INF)
+    log_lam = torch.logsumexp(log_rate, -1, keepdim=True)
+    lam_dt = (log_lam + _col(dt).log()).exp()
+    # log(1 - e^{-lam dt}); the clamp keeps autograd finite where a token has no move at all
+    log_leave = torch.log((-torch.expm1(-lam_dt)).clamp(min=_tiny(lam_dt)))
+    log_jump = log_rate - log_lam.clamp(min=torch.finfo(log_lam.dtype).min)  # a token with no move: -inf
+    return (log_jump + log_leave).scatter(-1, x[..., None], -lam_dt)
 
 
 def _pin_prefix(logp: Tensor, x: Tensor, n_fixed: int) -> Tensor:
