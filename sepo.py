@@ -514,6 +514,8 @@ def snis_log_ratio(logp_new: Tensor, logp_old: Tensor, logq: Tensor) -> Tensor:
 def grpo_advantages(reward: Tensor, group_size: int) -> Tensor:
     """A = (R - mean_group) / (std_group + 1e-8) (section 5). Population std: a zero-spread group
     (or a group of one) gets A = 0, not NaN."""
+    if reward.numel() == 0:
+        return reward
     r = reward.view(-1, group_size)
     return ((r - r.mean(1, keepdim=True)) / (r.std(1, unbiased=False, keepdim=True) + 1e-8)).view(-1)
 

@@ -21,7 +21,6 @@ from torch import Tensor, nn
 
 import sepo
 
-torch.set_default_dtype(torch.float64)
 N, L = 3, 2
 T_SCORE = 0.3  # time at which the gradient identities are checked
 
@@ -450,6 +449,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/toy", help="folder for the figure (default: runs/toy)")
     args = ap.parse_args()
+    torch.set_default_dtype(torch.float64)  # exact checks: everything in float64
     tic = time.perf_counter()
     rows = run_all(args.out)
     width = max(len(r[0]) for r in rows)
