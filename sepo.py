@@ -470,8 +470,8 @@ def log_pi_surrogate(model, graph: Graph, noise, x: Tensor, t_eval: float, n_fix
         xm = x[:, None, :].repeat(1, P, 1)
         xm.scatter_(-1, pos[..., None], graph.mask_id)
         out = model_output(model, graph, xm.view(B * P, L), sigmabar.repeat_interleave(P))
-        logp = graph.denoiser_log_probs(out).view(B, P, L, graph.n)
-        logp = logp.gather(2, pos[..., None, None].expand(B, P, 1, graph.n)).squeeze(2)  # [B, P, n]
+        out = out.view(B, P, L, -1).gather(2, pos[..., None, None].expand(B, P, 1, out.shape[-1])).squeeze(2)
+        logp = graph.denoiser_log_probs(out)  # [B, P, n]: the denoiser at the masked position only
         return logp.gather(-1, x.gather(1, pos)[..., None]).squeeze(-1).sum(-1) * (free / P)
     log_s = graph.log_score(model_output(model, graph, x, sigmabar), x, sigmabar)[:, n_fixed:]
     w = log_s.detach().softmax(-1)  # includes v = x^l, where log s = 0 carries no gradient
