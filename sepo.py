@@ -678,11 +678,13 @@ class SEPO:
         adv = self._advantages(reward)
         t_sample = time.perf_counter() - tic
 
-        # 2. Latent paths for the SNIS ratio (section 4), shared by old and new (common random numbers).
-        sigmabars = noise(time_grid(cfg.steps, self.device))[0]
-        paths = graph.sample_path(x.repeat_interleave(M, 0), sigmabars, n_fixed, self.gen)
-        logq = forward_path_log_prob(graph, noise, paths).view(B, M)
-        logp_old = path_log_prob(model, graph, noise, paths, n_fixed, cfg.chunk_size).view(B, M)
+        # 2. Latent paths for the SNIS ratio (section 4), shared by old and new (common random
+        #    numbers). Only epochs after the first need a ratio.
+        if cfg.epochs > 1:
+            sigmabars = noise(time_grid(cfg.steps, self.device))[0]
+            paths = graph.sample_path(x.repeat_interleave(M, 0), sigmabars, n_fixed, self.gen)
+            logq = forward_path_log_prob(graph, noise, paths).view(B, M)
+            logp_old = path_log_prob(model, graph, noise, paths, n_fixed, cfg.chunk_size).view(B, M)
         t_eval = cfg.t_eval if cfg.t_eval is not None else 1.0 / cfg.steps
 
         # 3. K epochs of the clipped objective.

@@ -370,3 +370,9 @@ def test_fine_tuning_raises_the_reward(name):
         assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
     after = count_threes(sepo.sample(trainer.model, graph, noise, 512, 6, steps=16)).mean().item()
     assert after > before + 0.25, (before, after)
+
+
+def test_single_epoch_needs_no_ratio():
+    graph, noise, model = make("masked")
+    stats = sepo.SEPO(model, graph, noise, count_threes, 6, small_cfg(epochs=1)).step()
+    assert stats["ratio_mean"] == 1.0 and stats["clip_frac"] == 0.0

@@ -1,0 +1,269 @@
+"""Tests of train_dna.py: data validators, the chromosome split, each metric against a hand
+computation, and the whole pipeline at toy size (cached, resumable, reproducible). CPU, seconds."""
+import gzip
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import train_dna as T
+
+RNG = np.random.default_rng(0)
+
+
+def rand_seq(n: int = 200) -> str:
+    return "".join(RNG.choice(list("ACGT"), n))
+
+
+def write_encode(path, rows) -> str:
+    with gzip.open(path, "wt") as f:
+        f.write("chrom\tsummit\tcell_type\tsignal\tsplit\tsequence\n")
+        for r in rows:
+            f.write("\t".join(map(str, r)) + "\n")
+    return str(path)
+
+
+def write_gosai(path, header, rows) -> str:
+    with open(path, "w") as f:
+        f.write(",".join(header) + "\n")
+        for r in rows:
+            f.write(",".join(map(str, r)) + "\n")
+    return str(path)
+
+
+# ---------------------------------------------------------------------------- data validators
+
+
+def test_encode_sequences_maps_acgt_and_lowercase():
+    x = T.encode_sequences(["ACGT", "acgt"], length=4)
+    assert x.tolist() == [[0, 1, 2, 3], [0, 1, 2, 3]]
+    assert T.decode_sequences(x) == ["ACGT", "ACGT"]
+
+
+def test_encode_sequences_bad_letter_names_row_and_position():
+    with pytest.raises(ValueError, match=r"row 2: invalid base 'N' at position 3"):
+        T.encode_sequences(["ACGT", "ACNT"], length=4)
+
+
+def test_encode_sequences_wrong_length_names_row():
+    with pytest.raises(ValueError, match=r"row 3: sequence has length 5, expected 4"):
+        T.encode_sequences(["ACGT", "ACGT", "ACGTA"], length=4)
+
+
+def test_load_encode_good_and_bad(tmp_path):
+    good = [("chr1", 10, "HepG2", 2.5, "test", rand_seq()), ("chr3", 20, "K562", 1.0, "train", rand_seq())]
+    d = T.load_encode(write_encode(tmp_path / "ok.tsv.gz", good))
+    assert d.x.shape == (2, 200) and d.label.tolist() == [1, 2] and d.chrom.tolist() == ["chr1", "chr3"]
+    assert d.signal.tolist() == [2.5, 1.0]
+    bad_label = good + [("chr4", 1, "Liver", 1.0, "train", rand_seq())]
+    with pytest.raises(ValueError, match=r"row 3: unknown cell_type 'Liver'"):
+        T.load_encode(write_encode(tmp_path / "b1.tsv.gz", bad_label))
+    bad_base = good + [("chr4", 1, "HepG2", 1.0, "train", "N" + rand_seq(199))]
+    with pytest.raises(ValueError, match=r"row 3: invalid base 'N' at position 1"):
+        T.load_encode(write_encode(tmp_path / "b2.tsv.gz", bad_base))
+    short = good + [("chr4", 1, "HepG2", 1.0, "train", rand_seq(150))]
+    with pytest.raises(ValueError, match=r"row 3: sequence has length 150, expected 200"):
+        T.load_encode(write_encode(tmp_path / "b3.tsv.gz", short))
+    bad_split = good + [("chr4", 1, "HepG2", 1.0, "holdout", rand_seq())]
+    with pytest.raises(ValueError, match=r"row 3: unknown split 'holdout'"):
+        T.load_encode(write_encode(tmp_path / "b4.tsv.gz", bad_split))
+
+
+def test_vendored_file_loads_and_matches_its_provenance():
+    d = T.load_encode()
+    assert len(d) == 47872 and d.x.shape == (47872, 200)
+    assert torch.bincount(d.label).tolist() == [11968] * 4  # 12k per cell type, balanced
+    assert set(np.unique(d.chrom)) >= {"chr1", "chr2", "chrX"}
+
+
+HEADER = ["seq", "hepg2", "k562", "sknsh", "chr"]
+
+
+def test_gosai_loader_good(tmp_path):
+    rows = [(rand_seq(), 1.5, -0.2, 0.3, "chr1"), (rand_seq(), -1.0, 2.0, 0.0, "7")]
+    d = T.load_data(write_gosai(tmp_path / "g.csv", HEADER, rows))
+    assert d.kind == "gosai" and d.x.shape == (2, 200) and d.label is None
+    assert torch.allclose(d.activity, torch.tensor([[1.5, -0.2, 0.3], [-1.0, 2.0, 0.0]]))
+    assert d.chrom.tolist() == ["chr1", "chr7"]  # bare chromosome numbers get the chr prefix
+    assert d.signal.tolist() == [1.5, -1.0]      # top set ranked by HepG2 activity
+
+
+@pytest.mark.parametrize("header,rows,msg", [
+    (["seq", "hepg2", "k562", "chr"], [("A" * 200, 1, 2, "chr1")], r"missing column 'sknsh'"),
+    (["seq", "hepg2", "k562", "sknsh"], [("A" * 200, 1, 2, 3)], r"missing column 'chr' or 'chrom' or 'chromosome'"),
+    (HEADER, [("A" * 200, 1, 2, 3, "chr1"), ("A" * 200, "high", 2, 3, "chr1")], r"row 2: column 'hepg2' is not a number"),
+    (HEADER, [("A" * 200, 1, 2, "nan", "chr1")], r"row 1: column 'sknsh' is not finite"),
+    (HEADER, [("A" * 200, 1, 2, 3, "chr1"), ("A" * 200, 1, 2, "chr1")], r"row 2 has 4 fields, the header has 5"),
+    (HEADER, [("A" * 199 + "X", 1, 2, 3, "chr1")], r"row 1: invalid base 'X' at position 200"),
+    (HEADER, [("A" * 200, 1, 2, 3, "chr1"), ("ACGT", 1, 2, 3, "chr1")], r"row 2: sequence has length 4"),
+])
+def test_gosai_loader_malformed(tmp_path, header, rows, msg):
+    with pytest.raises(ValueError, match=msg):
+        T.load_gosai(write_gosai(tmp_path / "bad.csv", header, rows))
+
+
+# ---------------------------------------------------------------------------- oracle split
+
+
+def test_oracle_split_is_chromosome_disjoint_on_the_real_data():
+    d = T.load_encode()
+    ft, ev = T.oracle_chromosomes(d.chrom, "chr1", "chr2")
+    assert not set(ft) & set(ev)
+    assert set(ft) | set(ev) == set(np.unique(d.chrom)) - {"chr1", "chr2"}
+    n_ft, n_ev = np.isin(d.chrom, ft).sum(), np.isin(d.chrom, ev).sum()
+    assert abs(n_ft - n_ev) < 0.05 * (n_ft + n_ev)  # balanced halves
+    # and no sequence is in both oracles' training sets
+    assert not (np.isin(d.chrom, ft) & np.isin(d.chrom, ev)).any()
+
+
+def test_oracle_split_needs_two_training_chromosomes():
+    with pytest.raises(ValueError, match="at least two training chromosomes"):
+        T.oracle_chromosomes(np.array(["chr1", "chr2", "chr3"]), "chr1", "chr2")
+
+
+# ---------------------------------------------------------------------------- metrics (hand-computed)
+
+
+def test_kmer_counts_by_hand():
+    x = T.encode_sequences(["ACGTA", "AAAAA"], length=5)
+    c = T.kmer_counts(x, 3)
+    # ACG = 0*16+1*4+2 = 6, CGT = 16+8+3 = 27, GTA = 32+12+0 = 44, AAA = 0 (three times)
+    expect = torch.zeros(64)
+    expect[[6, 27, 44]] = 1
+    expect[0] = 3
+    assert torch.equal(c, expect)
+
+
+def test_pearson_and_spearman_by_hand():
+    a, b = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, 3.0, 2.0])
+    # centred: (-1, 0, 1) . (-1, 1, 0) = 1; norms sqrt(2) each -> 0.5
+    assert T.pearson(a, b) == pytest.approx(0.5)
+    # ranks of (10, 20, 20, 40) are (1, 2.5, 2.5, 4); of (1, 2, 3, 4) themselves
+    # centred (-1.5, 0, 0, 1.5) . (-1.5, -0.5, 0.5, 1.5) = 4.5; norms sqrt(4.5), sqrt(5)
+    assert T.spearman(torch.tensor([10.0, 20, 20, 40]), torch.tensor([1.0, 2, 3, 4])) == pytest.approx(4.5 / math.sqrt(4.5 * 5))
+
+
+def test_motif_hits_by_hand_both_strands():
+    # rows A, C, G, T; consensus "AC" scores 4, the worst window -2; the reverse-complement motif has consensus "GT"
+    pwm = torch.tensor([[2.0, -1.0], [-1.0, 2.0], [-1.0, -1.0], [-1.0, -1.0]])
+    x = T.encode_sequences(["ACGT", "CCCA"], length=4)
+    # threshold 1 (score 4 only): ACGT has AC (forward) and GT (reverse strand); CCCA none -> 2
+    assert T.motif_hits(x, [pwm], 1.0).tolist() == [2.0]
+    # threshold 0.5 (score >= -2 + 0.5 * 6 = 1): forward AC=4 in ACGT, CC=1 twice in CCCA; reverse GT=4 in ACGT;
+    # every other window (CG, GT fwd, CA; AC, CG, CC, CA rev) scores -2 -> 4
+    assert T.motif_hits(x, [pwm], 0.5).tolist() == [4.0]
+    # a window that would run past the end never counts: a 2-wide motif on a 1-base sequence
+    assert T.motif_hits(T.encode_sequences(["A"], length=1), [pwm], 0.0).tolist() == [0.0]
+
+
+def test_hepg2_score_and_auroc_by_hand():
+    # ENCODE: log-odds = logit_HepG2 - logsumexp(other logits); HepG2 is class 1
+    assert T.hepg2_score(torch.tensor([[0.0, math.log(3.0), 0.0, 0.0]]), "encode").item() == pytest.approx(0.0, abs=1e-6)
+    assert T.hepg2_score(torch.tensor([[2.0, 0, 0, 0]]), "encode").item() == pytest.approx(-math.log(math.e ** 2 + 2))
+    assert T.hepg2_score(torch.tensor([[1.5, 9.0, 9.0]]), "gosai").item() == 1.5
+    # AUROC: positives scored 0.9, 0.4; negatives 0.5, 0.1 -> 3 of the 4 pairs ordered right
+    assert T.auroc(torch.tensor([0.9, 0.4, 0.5, 0.1]), torch.tensor([1, 1, 0, 0])) == pytest.approx(0.75)
+
+
+def test_jaspar_motifs_load_offline():
+    names, pwms = T.load_jaspar_pwms()
+    assert len(pwms) > 500 and all(p.shape[0] == 4 for p in pwms)
+    # log2-odds of a probability vector: 2^pwm / 4 sums to one per column
+    assert torch.allclose((2 ** pwms[0] / 4).sum(0), torch.ones(pwms[0].shape[1]), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- the pipeline at toy size
+
+
+TOY = ["--threads", "1", "--hidden", "8", "--pretrain-steps", "4", "--pretrain-batch", "8", "--val-every", "2",
+       "--oracle-dim", "12", "--oracle-heads", "2", "--oracle-downsamples", "3", "--oracle-epochs", "1",
+       "--oracle-batch", "16", "--batch", "2", "--group", "2", "--steps", "3", "--kl-steps", "2", "--snis", "2",
+       "--pl-positions", "2", "--n-eval", "6", "--top-n", "10", "--elbo-t", "2", "--ckpt-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory):
+    rows = [(f"chr{c}", i, T.CELL_TYPES[i % 4], float(i), "train", rand_seq()) for c in (1, 2, 3, 4, 5, 6) for i in range(12)]
+    return write_encode(tmp_path_factory.mktemp("data") / "toy.tsv.gz", rows)
+
+
+def run(out, data, *extra):
+    return T.main(["--data", data, "--out", str(out), *TOY, *extra])
+
+
+def test_pipeline_smoke_cached_and_reproducible(tmp_path, toy_data, capsys):
+    res = run(tmp_path / "a", toy_data, "--iters", "2")  # best-of-N budget: 1 + ceil(2 * 2 * 2 / 6) = 3
+    assert set(res) == {"Pre-trained", "SEPO", "SEPO with GF", "Best-of-3 (ft oracle)", "Data (chr1, HepG2)"}
+    for r in res.values():
+        for k in ("Pred-Activity", "ATAC-Acc %", "3-mer corr", "App-Log-Lik", "Reward (ft oracle)"):
+            assert math.isfinite(r[k]), k
+        assert 0 <= r["ATAC-Acc %"] <= 100 and r["App-Log-Lik"] < 0
+    for f in ("results.md", "results.json", "pred_activity_violin.png", "sepo_curves.png", "pretrain.pt",
+              "ft_oracle.pt", "eval_oracle.pt", "access.pt", "sepo.pt", "sepo_gf.pt", "samples_sepo.txt"):
+        assert os.path.getsize(tmp_path / "a" / f) > 0, f
+    assert not [f for f in os.listdir(tmp_path / "a") if ".tmp" in f]  # atomic writes leave no temp files
+    table = (tmp_path / "a" / "results.md").read_text()
+    assert len([l for l in table.splitlines() if l.startswith("| ")]) == 1 + 5 and "| SEPO with GF |" in table
+    samples = (tmp_path / "a" / "samples_pre-trained.txt").read_text().split()
+    assert len(samples) == 6 and all(len(s) == 200 and set(s) <= set("ACGT") for s in samples)
+    hist = json.loads((tmp_path / "a" / "results.json").read_text())["history"]["SEPO"]
+    assert [h["iteration"] for h in hist] == [1, 2]
+    capsys.readouterr()
+    # second run: every stage comes from the cache and the numbers are identical
+    again = run(tmp_path / "a", toy_data, "--iters", "2")
+    log = capsys.readouterr().out
+    assert "[pretrain] cached" in log and "[ft_oracle] cached" in log and "[sepo] cached" in log and "[sepo] it" not in log
+    for name in res:
+        for k, v in res[name].items():
+            if k != "pred":
+                assert again[name][k] == pytest.approx(v, nan_ok=True), (name, k)
+    # a checkpoint made with other settings is refused, not silently reused
+    with pytest.raises(SystemExit, match="other settings"):
+        run(tmp_path / "a", toy_data, "--iters", "2", "--pretrain-lr", "0.1")
+
+
+def test_sepo_resume_is_exact(tmp_path, toy_data):
+    straight = run(tmp_path / "s", toy_data, "--iters", "2", "--corrector-steps", "0")
+    run(tmp_path / "r", toy_data, "--iters", "1", "--corrector-steps", "0")  # stop after one iteration ...
+    resumed = run(tmp_path / "r", toy_data, "--iters", "2", "--corrector-steps", "0")  # ... and continue
+    assert set(straight) == {"Pre-trained", "SEPO", "Best-of-3 (ft oracle)", "Data (chr1, HepG2)"}
+    a = json.loads((tmp_path / "s" / "results.json").read_text())["history"]["SEPO"]
+    b = json.loads((tmp_path / "r" / "results.json").read_text())["history"]["SEPO"]
+    assert [h["reward_mean"] for h in a] == [h["reward_mean"] for h in b]
+    assert [h["kl"] for h in a] == pytest.approx([h["kl"] for h in b])
+    assert resumed["SEPO"]["Pred-Activity"] == pytest.approx(straight["SEPO"]["Pred-Activity"])
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        T.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for f in T.dataclasses.fields(T.Config):
+        assert "--" + f.name.replace("_", "-") in text, f.name
+
+
+def test_paper_preset_and_overrides():
+    c = T.parse_args(["--preset", "paper"])
+    assert (c.steps, c.batch, c.group, c.epochs, c.snis, c.clip_eps, c.kl_coef, c.kl_steps, c.lr, c.n_eval) == \
+        (128, 8, 8, 2, 4, 0.2, 0.05, 10, 1e-4, 640)
+    assert T.parse_args(["--preset", "paper", "--steps", "64"]).steps == 64
+    assert T.parse_args([]).steps == T.Config().steps
+
+
+def test_bench_runs_one_step_per_variant(capsys):
+    T.main([*TOY, "--bench"])
+    out = capsys.readouterr().out
+    assert out.count("one trainer.step()") == 2 and "corrector_steps=1" in out
+
+
+def test_pipeline_on_a_gosai_csv(tmp_path):
+    rows = [(rand_seq(), RNG.normal(), RNG.normal(), RNG.normal(), f"chr{c}") for c in (1, 2, 3, 4, 5, 6) for _ in range(10)]
+    data = write_gosai(tmp_path / "gosai.csv", HEADER, rows)
+    res = T.main(["--data", data, "--out", str(tmp_path / "g"), *TOY, "--iters", "1", "--corrector-steps", "0"])
+    assert "SEPO" in res and "Data (chr1, HepG2)" in res
+    rep = json.loads((tmp_path / "g" / "results.json").read_text())["oracles"]
+    assert "test_hepg2_pearson" in rep["ft_oracle"] and "test_hepg2_pearson" in rep["eval_oracle"]
+    assert "predicted HepG2 MPRA activity" in (tmp_path / "g" / "results.md").read_text()
