@@ -520,8 +520,9 @@ def grpo_advantages(reward: Tensor, group_size: int) -> Tensor:
     return ((r - r.mean(1, keepdim=True)) / (r.std(1, unbiased=False, keepdim=True) + 1e-8)).view(-1)
 
 
-def ppo_advantages(reward: Tensor, baseline: Optional[float] = None, normalize: bool = False) -> Tensor:
-    """A = R - b, b = batch mean unless given (a running mean, say); optionally A / std (section 5)."""
+def ppo_advantages(reward: Tensor, baseline: Optional[float | Tensor] = None, normalize: bool = False) -> Tensor:
+    """A = R - b, b = batch mean unless given (a running mean, or a per-sample prompt value, say);
+    optionally A / std (section 5)."""
     if reward.numel() == 0:
         return reward
     adv = reward - (reward.mean() if baseline is None else baseline)
@@ -599,7 +600,7 @@ class SEPOConfig:
     steps: int = 128             # T sampler steps
     corrector_steps: int = 0     # gradient-flow corrector steps after each predictor step
     advantage: str = "grpo"      # "grpo" (group-normalised) or "ppo" (R - baseline)
-    baseline: str = "batch"      # ppo baseline: "batch" mean or "running" mean
+    baseline: str = "batch"      # ppo baseline: "batch" mean, "running" mean, or "group" (prompt) mean
     baseline_momentum: float = 0.9
     normalize_adv: bool = False  # ppo: divide A by its batch std
     pl_positions: int = 16       # masked graph: positions per sample in grad log pi (section 3)
@@ -612,8 +613,8 @@ class SEPOConfig:
     def __post_init__(self):
         if self.advantage not in ("grpo", "ppo"):
             raise ValueError(f"advantage must be 'grpo' or 'ppo', got {self.advantage!r}")
-        if self.baseline not in ("batch", "running"):
-            raise ValueError(f"baseline must be 'batch' or 'running', got {self.baseline!r}")
+        if self.baseline not in ("batch", "running", "group"):
+            raise ValueError(f"baseline must be 'batch', 'running' or 'group', got {self.baseline!r}")
         if self.kl_reference not in ("pretrained", "previous"):
             raise ValueError(f"kl_reference must be 'pretrained' or 'previous', got {self.kl_reference!r}")
         for name in ("batch_size", "group_size", "epochs", "snis_samples", "steps", "pl_positions", "chunk_size"):
@@ -650,7 +651,9 @@ class SEPO:
         if cfg.advantage == "grpo":
             return grpo_advantages(reward, cfg.group_size)
         baseline = None
-        if cfg.baseline == "running":
+        if cfg.baseline == "group":  # Monte-Carlo value of the group's prompt; A = R - V(prompt)
+            baseline = reward.view(-1, cfg.group_size).mean(1).repeat_interleave(cfg.group_size)
+        elif cfg.baseline == "running":
             m, mean = cfg.baseline_momentum, reward.mean().item()
             baseline = self.running_baseline if self.running_baseline is not None else mean
             self.running_baseline = m * baseline + (1 - m) * mean

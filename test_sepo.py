@@ -210,6 +210,9 @@ def test_grpo_advantages_zero_spread_group_and_empty_batch():
     assert sepo.ppo_advantages(torch.zeros(0)).numel() == 0
     torch.testing.assert_close(sepo.ppo_advantages(torch.tensor([1.0, 3.0])), torch.tensor([-1.0, 1.0]))
     torch.testing.assert_close(sepo.ppo_advantages(torch.tensor([1.0, 3.0]), baseline=0.0), torch.tensor([1.0, 3.0]))
+    per_prompt = torch.tensor([1.0, 3.0, 10.0, 10.0]).view(2, 2).mean(1).repeat_interleave(2)
+    torch.testing.assert_close(sepo.ppo_advantages(torch.tensor([1.0, 3.0, 10.0, 10.0]), per_prompt),
+                               torch.tensor([-1.0, 1.0, 0.0, 0.0]))
 
 
 def test_clipped_surrogate_masks_the_clipped_branch_and_handles_empty():
@@ -343,7 +346,8 @@ def test_prompts_are_shared_by_a_group_and_kept():
         seen.append(x.clone())
         return count_threes(x)
 
-    trainer = sepo.SEPO(model, graph, noise, reward, 6, small_cfg(kl_steps=0), prompt_fn=prompt_fn)
+    cfg = small_cfg(kl_steps=0, advantage="ppo", baseline="group")  # A = R - mean of its prompt group
+    trainer = sepo.SEPO(model, graph, noise, reward, 6, cfg, prompt_fn=prompt_fn)
     stats = trainer.step()
     x = seen[0].view(4, 4, 6)
     assert (x[:, :, :2] == x[:, :1, :2]).all()  # one prompt per group of 4

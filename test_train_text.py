@@ -1,0 +1,203 @@
+"""Tests of train_text.py (CPU, seconds): HH-RLHF loader, prompt encoding, gold judge,
+reward model, prefix-conditioned sampling, and the whole pipeline at toy size."""
+import gzip
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import train_text as T
+
+torch.set_num_threads(1)  # tiny models: threads only add overhead (and the CI box is shared)
+
+
+def hh(prompt_turns, response):
+    return T.to_hh(prompt_turns, response)
+
+
+def write_jsonl(path, lines):
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wt", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+GOOD = [
+    json.dumps({"chosen": hh([("Human", "How do I bake bread?")], "Mix flour, water and yeast, then bake it."),
+                "rejected": hh([("Human", "How do I bake bread?")], "No idea.")}),
+    "",  # blank lines are allowed
+    json.dumps({"chosen": hh([("Human", "Hi"), ("Assistant", "Hello!"), ("Human", "Thanks for the help")],
+                             "You are welcome, glad to help."),
+                "rejected": hh([("Human", "Hi"), ("Assistant", "Hello!"), ("Human", "Thanks for the help")],
+                               "Whatever.")}),
+]
+
+
+@pytest.mark.parametrize("name", ["pairs.jsonl", "pairs.jsonl.gz"])
+def test_hh_loader_good_lines(tmp_path, name):
+    path = str(tmp_path / name)
+    write_jsonl(path, GOOD)
+    pairs = T.load_hh(path)
+    assert len(pairs) == 2
+    assert pairs[0].prompt == [("Human", "How do I bake bread?")]
+    assert pairs[0].chosen == "Mix flour, water and yeast, then bake it."
+    assert pairs[0].rejected == "No idea."
+    assert pairs[0].line == 1 and pairs[1].line == 3
+    assert pairs[1].prompt == [("Human", "Hi"), ("Assistant", "Hello!"), ("Human", "Thanks for the help")]
+    assert pairs[1].chosen == "You are welcome, glad to help."
+    # the prompt block text marks the turns and ends with the Assistant marker
+    assert T.prompt_text(pairs[1].prompt) == "[H] Hi [A] Hello! [H] Thanks for the help [A]"
+
+
+@pytest.mark.parametrize("bad, message", [
+    ('{"chosen": "\\n\\nHuman: hi\\n\\nAssistant: yo", "rejected": ', "malformed JSON"),
+    ('["not", "an", "object"]', "expected a JSON object"),
+    (json.dumps({"chosen": hh([("Human", "hi")], "yo")}), "'rejected'"),
+    (json.dumps({"chosen": hh([("Human", "hi")], "yo"), "rejected": 3}), "'rejected'"),
+    (json.dumps({"chosen": "Human: hi Assistant: yo", "rejected": "Human: hi Assistant: no"}), "expected"),
+    (json.dumps({"chosen": hh([("Human", "  ")], "yo"), "rejected": hh([("Human", "  ")], "no")}), "empty prompt"),
+    (json.dumps({"chosen": "preamble" + hh([("Human", "hi")], "yo"), "rejected": hh([("Human", "hi")], "no")}),
+     "before the first"),
+])
+def test_hh_loader_malformed_lines_name_the_line(tmp_path, bad, message):
+    path = str(tmp_path / "bad.jsonl")
+    write_jsonl(path, [GOOD[0], bad])
+    with pytest.raises(ValueError) as e:
+        T.load_hh(path)
+    assert f"{path}:2" in str(e.value)
+    assert message in str(e.value)
+
+
+def test_empty_file_is_an_error(tmp_path):
+    path = str(tmp_path / "empty.jsonl")
+    write_jsonl(path, [""])
+    with pytest.raises(ValueError, match="no preference pairs"):
+        T.load_hh(path)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    texts = ["[H] hello there [A] hi, how are you?", "[H] thank you [A] you are welcome"] * 20
+    return T.train_tokenizer(texts, 300, str(tmp_path_factory.mktemp("tok") / "tokenizer.json"))
+
+
+def test_tokenizer_specials_and_roundtrip(tok):
+    assert tok.get_vocab_size() == 300
+    assert [tok.token_to_id(s) for s in T.SPECIALS] == [T.PAD, T.HUMAN, T.ASSISTANT]
+    r = T.encode_responses(tok, ["you are welcome"], 8)
+    assert r.shape == (1, 8) and r[0, -1] == T.PAD
+    assert T.decode(tok, r) == ["you are welcome"]
+
+
+def test_prompts_left_padded_and_too_long_prompt_is_an_error(tok):
+    x, kept = T.encode_prompts(tok, [[("Human", "hello")]], 10)
+    assert x.shape == (1, 10) and kept == [0]
+    assert x[0, 0] == T.PAD and x[0, -1] == T.ASSISTANT and x[0, 1] == T.PAD
+    long = [("Human", "hello there " * 20)]
+    with pytest.raises(ValueError, match=r"data.jsonl:7: prompt is \d+ tokens, longer than the prompt block"):
+        T.encode_prompts(tok, [[("Human", "hi")], long], 10, lines=[3, 7], source="data.jsonl")
+    x, kept = T.encode_prompts(tok, [[("Human", "hi")], long], 10, long="skip")
+    assert kept == [0] and x.shape == (1, 10)
+
+
+def test_gold_judge_is_the_documented_rule():
+    polite = T.gold_score("Thank you, I am glad to help you with that today.")
+    rude = T.gold_score("I hate this stupid question, it is terrible.")
+    assert polite > 0.5 > 0 > rude
+    assert T.gold_score("") == -2.0
+    # length penalty: a bare "Yes" loses 3 * 0.15 against a neutral 4-word answer
+    assert T.gold_score("Yes") < T.gold_score("It is a computer")
+    assert T.gold_win_rate(["Thank you, glad to help."], ["I hate it."]) == 1.0
+    assert T.gold_win_rate(["ok then"], ["ok then"]) == 0.5
+
+
+def test_reward_model_loss_decreases_on_separable_pairs():
+    torch.manual_seed(0)
+    V, L, N = 20, 10, 64
+    base = torch.randint(5, V, (N, L))
+    base[:, -3:] = T.PAD  # ragged right padding
+    chosen, rejected = base.clone(), base.clone()
+    chosen[:, 4], rejected[:, 4] = 3, 4  # the only difference: token 3 is "good", token 4 is "bad"
+    rm = T.RewardModel(V, L, d_model=32, n_layers=1, n_heads=2)
+    opt = torch.optim.Adam(rm.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        loss = T.bt_loss(rm, chosen, rejected)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(math.log(2), abs=0.1)
+    assert losses[-1] < 0.1 * losses[0]
+    assert T.pairwise_accuracy(rm, chosen, rejected) == 1.0
+    r = rm.reward(chosen)
+    assert torch.all((r > 0) & (r < 1))
+
+
+def test_reward_model_ignores_where_the_pads_are():
+    torch.manual_seed(0)
+    rm = T.RewardModel(20, 8, d_model=16, n_layers=1, n_heads=2).eval()
+    a = torch.tensor([[0, 0, 5, 6, 7, 0, 0, 0]])
+    b = torch.tensor([[5, 0, 6, 0, 7, 0, 0, 0]])
+    c = torch.tensor([[5, 6, 8, 0, 0, 0, 0, 0]])
+    assert torch.allclose(rm.reward(a), rm.reward(b), atol=1e-6)
+    assert not torch.allclose(rm.reward(a), rm.reward(c))
+
+
+@pytest.mark.parametrize("graph", ["uniform", "masked"])
+def test_prefix_tokens_unchanged_by_sampling(graph):
+    import sepo
+    args = T.parse_args(["--preset", "tiny", "--graph", graph])
+    g, noise, model = T.make_diffusion(args, 50)
+    model.eval()
+    Lp, L = args.prompt_len, args.prompt_len + args.response_len
+    prefix = torch.randint(0, 50, (6, Lp))
+    prefix[:, :3] = T.PAD
+    x = sepo.sample(model, g, noise, 6, L, steps=5, prefix=prefix,
+                    generator=torch.Generator().manual_seed(0))
+    assert x.shape == (6, L)
+    assert torch.equal(x[:, :Lp], prefix)
+    assert int(x.max()) < 50  # no MASK left in the response
+
+
+def test_help_documents_every_flag():
+    parser = T.build_parser()
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, f"{action.option_strings} has no help"
+    for preset in T.PRESETS.values():
+        assert set(preset) <= {a.dest for a in parser._actions}
+
+
+def test_pipeline_smoke_and_resume(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    res = T.main(["--preset", "tiny", "--out", out, "--threads", "1"])
+    names = set(os.listdir(out))
+    for f in ["tokenizer.json", "pairs_chatterbot.jsonl.gz", "pretrain.pt", "reward_model.pt", "sepo_steps4.pt",
+              "curves_steps4.png", "results_steps4.md", "results_steps4.json", "examples_steps4.txt"]:
+        assert f in names, f
+    assert not [f for f in names if f.endswith(".tmp")]  # atomic writes leave no temp files
+    rows = {r["model"]: r for r in res["rows"]}
+    assert set(rows) == {"pre-trained", "SEPO (4 steps)", "chosen replies (data)"}
+    for r in rows.values():
+        for k in ["rm_score", "gold_mean", "gold_win_vs_pre", "nll_per_token_pre", "distinct_1", "distinct_2"]:
+            assert math.isfinite(r[k]), (r["model"], k)
+        assert 0 < r["rm_score"] < 1 and 0 <= r["gold_win_vs_pre"] <= 1
+    assert 0 <= res["info"]["rm_accuracy"] <= 1
+    assert res["examples"] and all(e["prompt"].endswith("[A]") for e in res["examples"])
+    log = capsys.readouterr().out
+    assert "[sepo] iter 2/2 reward" in log and "KL" in log and "clip" in log
+    # a second run with more iterations reuses every cached stage and resumes SEPO
+    T.main(["--preset", "tiny", "--out", out, "--threads", "1", "--iters", "3"])
+    log = capsys.readouterr().out
+    assert "[pretrain] cached" in log and "[reward] cached" in log
+    assert "[sepo] resuming" in log and "iter 3/3" in log and "iter 1/3" not in log
+    # a stage made with other settings is refused, not silently reused
+    with pytest.raises(ValueError, match="other settings"):
+        T.main(["--preset", "tiny", "--out", out, "--threads", "1", "--d-model", "48"])
+
+
+def test_pipeline_smoke_uniform_graph(tmp_path):
+    res = T.main(["--preset", "tiny", "--graph", "uniform", "--out", str(tmp_path / "u"), "--threads", "1"])
+    assert all(math.isfinite(r["nll_per_token_pre"]) for r in res["rows"])
