@@ -699,23 +699,21 @@ def main(argv: Optional[list[str]] = None) -> dict:
     pool = draw(pretrained, cfg.n_eval * bon_n, 0, cfg.seed + 110).view(cfg.n_eval, bon_n, SEQ_LEN)
     best = hepg2_score(predict(ft_oracle, pool.flatten(0, 1)), data.kind).view(cfg.n_eval, bon_n).argmax(1)
     rows[f"Best-of-{bon_n} (ft oracle)"] = pool[torch.arange(cfg.n_eval), best]
-    results = {}
-    for j, (name, x) in enumerate(rows.items()):
+    def score(x: Tensor) -> dict:
         g = torch.Generator(device).manual_seed(cfg.seed + 200)  # same noise for every row: a paired comparison
         ll = torch.cat([sepo.elbo(pretrained, graph, noise, x[i:i + 256].to(device), cfg.elbo_t, generator=g).cpu()
                         for i in range(0, len(x), 256)])
-        results[name] = evaluate_samples(x, ev_oracle, access, ft_oracle, data.kind, top_kmers, top_motifs, pwms, ll,
-                                         cfg.motif_threshold)
+        return evaluate_samples(x, ev_oracle, access, ft_oracle, data.kind, top_kmers, top_motifs, pwms, ll,
+                                cfg.motif_threshold)
+
+    results = {}
+    for name, x in rows.items():
+        results[name] = score(x)
         with open(os.path.join(cfg.out, f"samples_{name.split(' (')[0].replace(' ', '_').lower()}.txt"), "w") as f:
             f.write("\n".join(decode_sequences(x)) + "\n")
     # held-out real sequences for scale: HepG2 DHS (Gosai: the most HepG2-active) of the test chromosome
     ref = test.x[test.label == CELL_TYPES.index("HepG2")] if data.kind == "encode" else test.x[test.signal.argsort(descending=True)]
-    ref = ref[: cfg.n_eval]
-    g = torch.Generator(device).manual_seed(cfg.seed + 200)
-    ll = torch.cat([sepo.elbo(pretrained, graph, noise, ref[i:i + 256].to(device), cfg.elbo_t, generator=g).cpu()
-                    for i in range(0, len(ref), 256)])
-    results[f"Data ({cfg.test_chrom}, HepG2)"] = evaluate_samples(ref, ev_oracle, access, ft_oracle, data.kind, top_kmers,
-                                                                  top_motifs, pwms, ll, cfg.motif_threshold)
+    results[f"Data ({cfg.test_chrom}, HepG2)"] = score(ref[: cfg.n_eval])
     t_eval = time.perf_counter() - tic
 
     # -- report: table, plots ------------------------------------------------------------------------
