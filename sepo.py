@@ -223,7 +223,9 @@ class Masked(Graph):
         log_unmask = -sb_s + torch.log(-torch.expm1(sb_s - sb_t)) - log_1m_at
         log_stay = torch.log(-torch.expm1(-sb_s)) - log_1m_at  # -inf at s = 0: the last step unmasks all
         step = torch.cat([self.denoiser_log_probs(out) + log_unmask, log_stay.expand(*x.shape, 1)], -1)
-        return torch.where((x == self.mask_id)[..., None], step, F.one_hot(x, self.vocab_size).to(step).log())
+        masked = x == self.mask_id
+        step = step.masked_fill(~masked[..., None], NEG_INF)
+        return step.scatter_(-1, x[..., None], torch.where(masked[..., None], log_stay, 0.0))
 
     def sample_path(self, x, sigmabars, n_fixed=0, generator=None):
         # Forward masking times conditioned on "all masked at t = 1", the sampler's start: a
@@ -300,28 +302,23 @@ def tau_leap_log_probs(log_rate: Tensor, x: Tensor, dt: Tensor) -> Tensor:
     return (log_jump + log_leave).scatter(-1, x[..., None], -lam_dt)
 
 
-def _pin_prefix(logp: Tensor, x: Tensor, n_fixed: int) -> Tensor:
-    if n_fixed == 0:
-        return logp
-    pinned = F.one_hot(x[:, :n_fixed], logp.shape[-1]).to(logp).log()
-    return torch.cat([pinned, logp[:, n_fixed:]], 1)
-
-
 def predictor_log_probs(model, graph: Graph, noise, x: Tensor, t: Tensor, s: Tensor,
                         n_fixed: int = 0) -> Tensor:
-    """log P_theta(x_s = . | x_t) per position [B, L, V] for one predictor step (t, s: [B])."""
+    """log P_theta(x_s = . | x_t) of one predictor step (t, s: [B]) at the free positions
+    [B, L - n_fixed, V]; the n_fixed prefix tokens are copied, so they are never computed."""
     out = model_output(model, graph, x, noise(t)[0])
-    return _pin_prefix(graph.predictor_log_probs(out, x, noise, t, s), x, n_fixed)
+    return graph.predictor_log_probs(out[:, n_fixed:], x[:, n_fixed:], noise, t, s)
 
 
 def corrector_log_probs(model, graph: Graph, noise, x: Tensor, t: Tensor, dtau: Tensor,
                         n_fixed: int = 0) -> Tensor:
-    """One tau-leaping step of the gradient-flow generator G_t = Q_t + Qbar_theta,t (section 7).
-    G_t is reversible for q_t^theta, so the step moves the samples towards q_t^theta."""
+    """One tau-leaping step of the gradient-flow generator G_t = Q_t + Qbar_theta,t (section 7)
+    at the free positions [B, L - n_fixed, V]. G_t is reversible for q_t^theta, so the step
+    moves the samples towards q_t^theta."""
     sigmabar, sigma = noise(t)
-    out = model_output(model, graph, x, sigmabar)
+    out, x = model_output(model, graph, x, sigmabar)[:, n_fixed:], x[:, n_fixed:]
     log_rate = torch.logaddexp(graph.log_forward_rate(x, sigma), graph.log_reverse_rate(out, x, sigmabar, sigma))
-    return _pin_prefix(tau_leap_log_probs(log_rate, x, dtau), x, n_fixed)
+    return tau_leap_log_probs(log_rate, x, dtau)
 
 
 def sample_categorical(logp: Tensor, generator=None) -> Tensor:
@@ -367,10 +364,12 @@ def rollout(model, graph: Graph, noise, num_samples: int, length: int, steps: in
         t, s = ts[k].expand(num_samples), ts[k + 1].expand(num_samples)
         if k >= steps - keep_last:
             kept.append(x)
-        x = sample_categorical(predictor_log_probs(model, graph, noise, x, t, s, n_fixed), generator)
+        x = torch.cat([x[:, :n_fixed], sample_categorical(
+            predictor_log_probs(model, graph, noise, x, t, s, n_fixed), generator)], 1)
         if k < steps - 1:  # no corrector at t = 0, where the masked scores are infinite
             for _ in range(corrector_steps):
-                x = sample_categorical(corrector_log_probs(model, graph, noise, x, s, t - s, n_fixed), generator)
+                x = torch.cat([x[:, :n_fixed], sample_categorical(
+                    corrector_log_probs(model, graph, noise, x, s, t - s, n_fixed), generator)], 1)
     states = torch.stack(kept, 1) if kept else x.new_empty(num_samples, 0, length)
     return x, states
 
@@ -492,7 +491,7 @@ def path_log_prob(model, graph: Graph, noise, paths: Tensor, n_fixed: int = 0,
         for i in range(0, N * T, chunk_size):
             j = slice(i, i + chunk_size)
             logp = predictor_log_probs(model, graph, noise, z[j], t[j], s[j], n_fixed)
-            out[j] = logp.gather(-1, z_next[j][..., None]).squeeze(-1).sum(-1)
+            out[j] = logp.gather(-1, z_next[j][:, n_fixed:, None]).squeeze(-1).sum(-1)
     return out.view(N, T).sum(1)
 
 

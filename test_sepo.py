@@ -93,6 +93,19 @@ def test_sampler_output_valid_and_prefix_untouched(name, corrector_steps):
     assert (x2[:, :2] == per_row).all()
 
 
+@pytest.mark.parametrize("name", GRAPHS)
+def test_step_log_probs_with_a_prefix_are_the_free_positions(name):
+    # a prefix is copied, not computed: the step at the free positions equals the full step there
+    graph, noise, model = make(name, length=6)
+    x = graph.sample_prior((5, 6), "cpu", torch.Generator().manual_seed(1))
+    x[:, :2] = torch.randint(graph.n, (5, 2))
+    t, s = torch.full((5,), 0.5), torch.full((5,), 0.4)
+    for f, a in [(sepo.predictor_log_probs, s), (sepo.corrector_log_probs, t - s)]:
+        full, free = f(model, graph, noise, x, t, a), f(model, graph, noise, x, t, a, n_fixed=2)
+        assert free.shape == (5, 4, graph.vocab_size)
+        torch.testing.assert_close(free, full[:, 2:])
+
+
 def test_sampler_is_reproducible_with_a_generator():
     graph, noise, model = make("masked")
     a = sepo.sample(model, graph, noise, 4, 6, steps=8, generator=torch.Generator().manual_seed(3))

@@ -145,6 +145,27 @@ def test_reward_model_ignores_where_the_pads_are():
     assert not torch.allclose(rm.reward(a), rm.reward(c))
 
 
+def test_policy_pairs_are_ordered_by_the_gold_judge(tok):
+    # RLHF-style labels on model samples: same prompt on both sides, chosen >= rejected + 0.05
+    args = T.parse_args(["--preset", "tiny", "--policy-pairs", "3"])
+    torch.manual_seed(0)
+    graph, noise, model = T.make_diffusion(args, tok.get_vocab_size())
+    # a random sampler over the tokenizer's real tokens (not its [UNUSED] padding): varied responses
+    real = [i for t, i in tok.get_vocab().items() if not t.startswith("[") and i < tok.get_vocab_size()]
+    model.head.weight.data.normal_()
+    model.head.bias.data[real] = 5.0
+    data = T.TextData(tok, None, None, [], None, None, None)
+    prompts, _ = T.encode_prompts(tok, [[("Human", "hello there")], [("Human", "thank you")]], args.prompt_len)
+    chosen, rejected = T.policy_pairs(args, data, graph, noise, model.eval(), prompts, seed=0)
+    assert 0 < len(chosen) <= 2 * 3 and chosen.shape == rejected.shape
+    P = args.prompt_len
+    assert torch.equal(chosen[:, :P], rejected[:, :P])
+    assert all(any(torch.equal(c[:P], p) for p in prompts) for c in chosen)
+    g_c = [T.gold_score(t) for t in T.decode(tok, chosen[:, P:])]
+    g_r = [T.gold_score(t) for t in T.decode(tok, rejected[:, P:])]
+    assert all(a >= b + 0.05 for a, b in zip(g_c, g_r))
+
+
 @pytest.mark.parametrize("graph", ["uniform", "masked"])
 def test_prefix_tokens_unchanged_by_sampling(graph):
     import sepo
@@ -184,7 +205,8 @@ def test_pipeline_smoke_and_resume(tmp_path, capsys):
         for k in ["rm_score", "gold_mean", "gold_win_vs_pre", "nll_per_token_pre", "distinct_1", "distinct_2"]:
             assert math.isfinite(r[k]), (r["model"], k)
         assert 0 < r["rm_score"] < 1 and 0 <= r["gold_win_vs_pre"] <= 1
-    assert 0 <= res["info"]["rm_accuracy"] <= 1
+    assert 0 <= res["info"]["rm_accuracy"] <= 1 and 0 <= res["info"]["rm_accuracy_samples"] <= 1
+    assert res["info"]["policy_pairs"] > 0
     assert res["examples"] and all(e["prompt"].endswith("[A]") for e in res["examples"])
     log = capsys.readouterr().out
     assert "[sepo] iter 2/2 reward" in log and "KL" in log and "clip" in log

@@ -14,7 +14,8 @@ The paper's language experiment (Zekri & Boullé, section 4.1) in miniature:
                 diffused.
   4. reward     a GPT-2-architecture model built from a config (no pretrained
                 weights) with a scalar head, trained with the Bradley-Terry loss on
-                half of the pairs; R(x) = sigmoid(score) in (0, 1).
+                half of the pairs plus gold-labelled pairs of pre-trained LM samples
+                (how RLHF collects labels); R(x) = sigmoid(score) in (0, 1).
   5. SEPO       sepo.SEPO with PPO advantages and the KL to the pre-trained model,
                 prompts drawn from the training split.
   6. evaluate   on held-out prompts: reward-model score, win rate against the
@@ -24,7 +25,7 @@ The paper's language experiment (Zekri & Boullé, section 4.1) in miniature:
 
 Every stage is cached in --out and resumable; run it again to continue.
 
-    python train_text.py                         # default: ~10 min on a 2-core CPU
+    python train_text.py                         # default: ~13 min on a 2-core CPU
     python train_text.py --steps 128 --iters 200 # SEDD-SEPO-128 style variant
     python train_text.py --preset paper --data hh-rlhf/train.jsonl.gz --device cuda
 """
@@ -50,13 +51,13 @@ import torch.nn.functional as F
 # ----------------------------------------------------------------------------- config
 # Presets fix every size-related knob; any flag given on the command line wins.
 PRESETS: dict[str, dict] = {
-    # ~10 min on 2 CPU cores: tiny models, short responses, few sampler steps.
+    # ~13 min on 2 CPU cores: tiny models, short responses, few sampler steps.
     "default": dict(vocab=2048, prompt_len=20, response_len=16,
                     d_model=128, n_layers=3, n_heads=4,
                     pretrain_steps=1200, pretrain_batch=64, pretrain_lr=1e-3,
                     rm_d_model=64, rm_layers=2, rm_heads=4, rm_epochs=4, rm_batch=64, rm_lr=1e-3,
-                    steps=16, iters=40, batch=4, group=8, lr=3e-4, epochs=2, kl_coef=0.05,
-                    kl_steps=10, snis=4, eval_prompts=128, elbo_t=8),
+                    policy_pairs=8, steps=16, iters=40, batch=8, group=8, lr=3e-4, epochs=2, kl_coef=0.1,
+                    kl_steps=10, snis=4, pl_positions=8, eval_prompts=128, elbo_t=8),
     # The paper's settings (SEPO_MATH section 10: 128 sampler steps, Adam 1e-4, K = 2, M = 4,
     # eps = 0.2, alpha = 0.05 truncated to the last 10 steps, 7k iterations) on a SEDD-small-sized
     # network (12 x 768, ~100M parameters). The path KL backpropagates through
@@ -66,15 +67,17 @@ PRESETS: dict[str, dict] = {
                   d_model=768, n_layers=12, n_heads=12,
                   pretrain_steps=50000, pretrain_batch=64, pretrain_lr=3e-4,
                   rm_d_model=768, rm_layers=12, rm_heads=12, rm_epochs=1, rm_batch=32, rm_lr=5e-5,
+                  policy_pairs=4,
                   steps=128, iters=7000, batch=8, group=2, lr=1e-4, epochs=2, kl_coef=0.05,
-                  kl_steps=10, snis=4, eval_prompts=640, elbo_t=16),
+                  kl_steps=10, snis=4, pl_positions=16, eval_prompts=640, elbo_t=16),
     # Seconds: used by the tests.
     "tiny": dict(vocab=300, prompt_len=12, response_len=8,
                  d_model=32, n_layers=1, n_heads=2,
                  pretrain_steps=20, pretrain_batch=16, pretrain_lr=1e-3,
                  rm_d_model=32, rm_layers=1, rm_heads=2, rm_epochs=2, rm_batch=32, rm_lr=1e-3,
+                 policy_pairs=1,
                  steps=4, iters=2, batch=2, group=2, lr=1e-4, epochs=1, kl_coef=0.05,
-                 kl_steps=2, snis=2, eval_prompts=8, elbo_t=2),
+                 kl_steps=2, snis=2, pl_positions=4, eval_prompts=8, elbo_t=2),
 }
 
 SPECIALS = ["[PAD]", "[H]", "[A]"]  # pad, start of a Human turn, start of an Assistant turn
@@ -112,9 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rm-d-model", type=int, help="GPT-2 n_embd")
     g.add_argument("--rm-layers", type=int, help="GPT-2 n_layer")
     g.add_argument("--rm-heads", type=int, help="GPT-2 n_head")
-    g.add_argument("--rm-epochs", type=int, help="epochs over the reward model's half of the pairs")
+    g.add_argument("--rm-epochs", type=int, help="epochs over the reward model's data (half of the pairs + --policy-pairs)")
     g.add_argument("--rm-batch", type=int, help="pairs per step")
     g.add_argument("--rm-lr", type=float, help="AdamW learning rate")
+    g.add_argument("--policy-pairs", type=int, help="gold-labelled pairs of pre-trained LM responses per "
+                   "training prompt added to the reward model's data, as RLHF labels model samples "
+                   "(0: none; default 0 with --data, whose pairs carry real labels)")
     g = p.add_argument_group("SEPO fine-tuning")
     g.add_argument("--steps", type=int, help="sampler (denoising) steps in rollouts and evaluation "
                    "(the paper's SEDD-SEPO-128 / -1024 use 128 / 1024)")
@@ -126,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kl-coef", type=float, help="alpha, weight of the KL to the pre-trained model")
     g.add_argument("--kl-steps", type=int, help="KL truncated to the last k sampler steps")
     g.add_argument("--snis", type=int, help="M, SNIS paths per sample for the importance ratio")
+    g.add_argument("--pl-positions", type=int, help="masked graph: response positions per sample in grad log pi "
+                   "(an unbiased random subset, scaled; sepo.SEPOConfig.pl_positions)")
     g.add_argument("--clip-eps", type=float, default=0.2, help="PPO clipping epsilon")
     g.add_argument("--baseline", choices=["prompt", "batch", "running"], default="prompt",
                    help="PPO advantage A = R - b: b = mean reward of the other responses to the same "
@@ -135,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "default: one sampler step, 1 / steps)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-prompts", type=int, help="held-out prompts evaluated (at most all of them)")
-    g.add_argument("--eval-samples", type=int, default=4, help="responses per held-out prompt and model")
+    g.add_argument("--eval-samples", type=int, default=8, help="responses per held-out prompt and model")
     g.add_argument("--elbo-t", type=int, help="Monte-Carlo times per sequence in sepo.elbo")
     g.add_argument("--examples", type=int, default=8, help="prompt/response examples printed and saved")
     return p
@@ -143,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
+    if args.data is not None and args.policy_pairs is None:
+        args.policy_pairs = 0  # a real preference file has real labels; the gold judge only evaluates
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -445,10 +455,14 @@ class ScoreNet(nn.Module):
     Uniform graph: outputs log concrete scores log s(x, t)[l, v] (V = n).
     Masked graph: outputs denoiser logits over the n clean tokens (input vocab n + 1).
     sigma enters through a sinusoidal embedding of log sigma added to the residual stream
-    before every layer (a cheap stand-in for SEDD's adaLN)."""
+    before every layer (a cheap stand-in for SEDD's adaLN). The first n_fixed positions hold
+    the prompt, which is never noised, so sepo never reads their outputs: they are left at 0
+    and the vocabulary head (a third of the FLOPs) runs on the response only."""
 
-    def __init__(self, vocab_in: int, vocab_out: int, length: int, d_model: int, n_layers: int, n_heads: int):
+    def __init__(self, vocab_in: int, vocab_out: int, length: int, d_model: int, n_layers: int, n_heads: int,
+                 n_fixed: int = 0):
         super().__init__()
+        self.n_fixed = n_fixed
         self.tok = nn.Embedding(vocab_in, d_model)
         self.pos = nn.Parameter(torch.randn(length, d_model) * 0.02)
         self.t_mlp = nn.Sequential(nn.Linear(64, d_model), nn.SiLU(), nn.Linear(d_model, d_model * n_layers))
@@ -468,7 +482,7 @@ class ScoreNet(nn.Module):
         h = self.tok(x) + self.pos[: x.shape[1]]
         for layer, c in zip(self.layers, cond):
             h = layer(h + c[:, None])
-        return self.head(self.norm(h))
+        return F.pad(self.head(self.norm(h[:, self.n_fixed:])), (0, 0, self.n_fixed, 0))
 
 
 def make_diffusion(args: argparse.Namespace, n: int):
@@ -477,10 +491,10 @@ def make_diffusion(args: argparse.Namespace, n: int):
     L = args.prompt_len + args.response_len
     if args.graph == "uniform":
         graph, noise = sepo.Uniform(n), sepo.Geometric()
-        model = ScoreNet(n, n, L, args.d_model, args.n_layers, args.n_heads)
+        model = ScoreNet(n, n, L, args.d_model, args.n_layers, args.n_heads, args.prompt_len)
     else:
         graph, noise = sepo.Masked(n), sepo.LogLinear()
-        model = ScoreNet(n + 1, n, L, args.d_model, args.n_layers, args.n_heads)
+        model = ScoreNet(n + 1, n, L, args.d_model, args.n_layers, args.n_heads, args.prompt_len)
     return graph, noise, model.to(args.device)
 
 
@@ -539,6 +553,16 @@ def pretrain(args: argparse.Namespace, data: TextData):
     return graph, noise, model.eval()
 
 
+@torch.no_grad()
+def generate(args: argparse.Namespace, model: nn.Module, graph, noise, prompts: torch.Tensor, seed: int) -> torch.Tensor:
+    import sepo
+    g = torch.Generator(device=args.device).manual_seed(seed)
+    L = args.prompt_len + args.response_len
+    out = [sepo.sample(model, graph, noise, len(p), L, steps=args.steps, prefix=p.to(args.device), generator=g)
+           for p in prompts.split(64)]
+    return torch.cat(out)
+
+
 # ----------------------------------------------------------------------------- reward model
 class RewardModel(nn.Module):
     """GPT-2 architecture from a config (random init, no hub) + scalar head.
@@ -581,21 +605,51 @@ def pairwise_accuracy(rm: RewardModel, chosen: torch.Tensor, rejected: torch.Ten
     return acc
 
 
-def train_reward_model(args: argparse.Namespace, data: TextData, verbose: bool = True) -> RewardModel:
-    """Stage 4: Bradley-Terry on the RM's half of the training pairs."""
+@torch.no_grad()
+def policy_pairs(args: argparse.Namespace, data: TextData, graph, noise, pre: nn.Module,
+                 prompts: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) [N, L]: --policy-pairs pairs of pre-trained LM responses per prompt,
+    ordered by the gold judge (the stand-in labeller), near-ties (< 0.05) dropped.
+
+    This is how RLHF collects preferences (HH-RLHF labels model samples): it puts the reward
+    model's data on the distribution SEPO starts from. Trained on real replies only, the reward
+    model scores model samples by features the judge ignores, and SEPO climbs those."""
+    many = prompts.repeat_interleave(2 * args.policy_pairs, 0)
+    x = generate(args, pre, graph, noise, many, seed).cpu()
+    g = torch.tensor([gold_score(t) for t in decode(data.tok, x[:, args.prompt_len:])]).view(-1, 2)
+    a, b = x[0::2], x[1::2]
+    first = (g[:, 0] > g[:, 1])[:, None]
+    keep = (g[:, 0] - g[:, 1]).abs() >= 0.05
+    return torch.where(first, a, b)[keep], torch.where(first, b, a)[keep]
+
+
+def train_reward_model(args: argparse.Namespace, data: TextData, graph=None, noise=None, pre: nn.Module | None = None,
+                       verbose: bool = True) -> RewardModel:
+    """Stage 4: Bradley-Terry on the RM's half of the data pairs plus, with --policy-pairs,
+    gold-labelled pairs of pre-trained LM responses to the training prompts."""
     L = args.prompt_len + args.response_len
+    path = os.path.join(args.out, "reward_model.pt")
+    cfg = {k: getattr(args, k) for k in ("rm_d_model", "rm_layers", "rm_heads", "rm_epochs", "rm_batch", "rm_lr",
+                                         "policy_pairs", "steps")}
+    cfg.update(lm_config(args))  # the policy pairs are samples of the pre-trained LM
+    ck = load_ckpt(path, cfg)
     torch.manual_seed(args.seed + 1)  # same RM whether or not the LM stage was cached
     rm = RewardModel(data.tok.get_vocab_size(), L, args.rm_d_model, args.rm_layers, args.rm_heads).to(args.device)
-    path = os.path.join(args.out, "reward_model.pt")
-    cfg = {k: getattr(args, k) for k in ("seed", "data", "max_pairs", "vocab", "prompt_len", "response_len",
-                                         "rm_d_model", "rm_layers", "rm_heads", "rm_epochs", "rm_batch", "rm_lr")}
-    ck = load_ckpt(path, cfg)
     if ck is not None:
         rm.load_state_dict(ck["model"])
-        print(f"[reward] cached: {path} (held-out pairwise accuracy {ck['acc']:.3f})")
-        data.info["rm_accuracy"] = ck["acc"]
+        data.info.update(ck["info"])
+        print(f"[reward] cached: {path} (held-out pairwise accuracy {ck['info']['rm_accuracy']:.3f})")
         return rm.eval()
-    c, r = (t.to(args.device) for t in data.rm_train)
+    (c, r), tests = data.rm_train, {"data": data.rm_test}
+    if args.policy_pairs > 0:
+        t0 = time.time()
+        pc, pr = policy_pairs(args, data, graph, noise, pre, data.train_prompts, args.seed + 10)
+        tests["samples"] = policy_pairs(args, data, graph, noise, pre, data.test_prompts, args.seed + 20)
+        c, r = torch.cat([c, pc]), torch.cat([r, pr])
+        data.info["policy_pairs"] = len(pc)
+        print(f"[reward] {len(pc)} gold-labelled pairs of pre-trained LM responses "
+              f"({len(tests['samples'][0])} more on held-out prompts) {time.time() - t0:.0f}s", flush=True)
+    c, r = c.to(args.device), r.to(args.device)
     opt = torch.optim.AdamW(rm.parameters(), lr=args.rm_lr, weight_decay=0.01)
     t0 = time.time()
     for ep in range(args.rm_epochs):
@@ -609,12 +663,13 @@ def train_reward_model(args: argparse.Namespace, data: TextData, verbose: bool =
             nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
             opt.step()
             losses.append(loss.item())
-        acc = pairwise_accuracy(rm, *(t.to(args.device) for t in data.rm_test))
+        acc = {k: pairwise_accuracy(rm, *(t.to(args.device) for t in v)) for k, v in tests.items()}
         if verbose:
-            print(f"[reward] epoch {ep + 1}/{args.rm_epochs} BT loss {np.mean(losses):.3f} "
-                  f"held-out pairwise accuracy {acc:.3f} {time.time() - t0:.0f}s", flush=True)
-    data.info["rm_accuracy"] = acc
-    save_atomic(dict(model=rm.state_dict(), acc=acc, config=cfg), path)
+            print(f"[reward] epoch {ep + 1}/{args.rm_epochs} BT loss {np.mean(losses):.3f} held-out pairwise "
+                  f"accuracy {' '.join(f'{k} {v:.3f}' for k, v in acc.items())} {time.time() - t0:.0f}s", flush=True)
+    info = {"rm_accuracy": acc["data"], "rm_accuracy_samples": acc.get("samples", float("nan"))}
+    data.info.update(info)
+    save_atomic(dict(model=rm.state_dict(), info=info, config=cfg), path)
     return rm.eval()
 
 
@@ -623,7 +678,9 @@ def sepo_config(args: argparse.Namespace) -> dict:
     # not `iters`: asking for more iterations resumes the same run
     return dict(lm_config(args), steps=args.steps, batch=args.batch, group=args.group,
                 lr=args.lr, epochs=args.epochs, kl_coef=args.kl_coef, kl_steps=args.kl_steps,
-                snis=args.snis, clip_eps=args.clip_eps, t_eval=args.t_eval, baseline=args.baseline, rm=(args.rm_d_model, args.rm_layers, args.rm_epochs))
+                snis=args.snis, pl_positions=args.pl_positions, clip_eps=args.clip_eps, t_eval=args.t_eval,
+                baseline=args.baseline,
+                rm=(args.rm_d_model, args.rm_layers, args.rm_epochs, args.policy_pairs))
 
 
 def finetune(args: argparse.Namespace, data: TextData, graph, noise, pre: nn.Module, rm: RewardModel):
@@ -639,6 +696,7 @@ def finetune(args: argparse.Namespace, data: TextData, graph, noise, pre: nn.Mod
     cfg = sepo.SEPOConfig(lr=args.lr, batch_size=args.batch, group_size=args.group, epochs=args.epochs,
                           clip_eps=args.clip_eps, kl_coef=args.kl_coef, kl_steps=min(args.kl_steps, args.steps),
                           snis_samples=args.snis, steps=args.steps, advantage="ppo", t_eval=args.t_eval,
+                          pl_positions=args.pl_positions,
                           baseline="group" if args.baseline == "prompt" else args.baseline, seed=args.seed)
     policy = copy.deepcopy(pre).requires_grad_(True)  # pre stays frozen: it is the KL reference
     trainer = sepo.SEPO(policy, graph, noise, lambda x: rm.reward(x), L, cfg,
@@ -666,16 +724,6 @@ def distinct_n(texts: list[str], n: int) -> float:
     """Unique word n-grams / all word n-grams over the whole set (low = repetitive)."""
     grams = [tuple(w[i:i + n]) for w in (t.lower().split() for t in texts) for i in range(len(w) - n + 1)]
     return len(set(grams)) / max(1, len(grams))
-
-
-@torch.no_grad()
-def generate(args: argparse.Namespace, model: nn.Module, graph, noise, prompts: torch.Tensor, seed: int) -> torch.Tensor:
-    import sepo
-    g = torch.Generator(device=args.device).manual_seed(seed)
-    L = args.prompt_len + args.response_len
-    out = [sepo.sample(model, graph, noise, len(p), L, steps=args.steps, prefix=p.to(args.device), generator=g)
-           for p in prompts.split(64)]
-    return torch.cat(out)
 
 
 def evaluate(args: argparse.Namespace, data: TextData, graph, noise, pre: nn.Module, ft: nn.Module,
@@ -720,7 +768,8 @@ def format_table(rows: list[dict], info: dict) -> str:
         lines.append(f"| {r['model']} | {r['n']} | {r['rm_score']:.3f} | {r['gold_mean']:.3f} | {r['gold_win_vs_pre']:.3f} "
                      f"| {r['nll_per_token_pre']:.3f} | {r['ppl_pre']:.1f} | {r['distinct_1']:.3f} | {r['distinct_2']:.3f} |")
     lines.append("")
-    lines.append(f"reward model held-out pairwise accuracy: {info.get('rm_accuracy', float('nan')):.3f}; "
+    lines.append(f"reward model held-out pairwise accuracy: {info.get('rm_accuracy', float('nan')):.3f} on data pairs, "
+                 f"{info.get('rm_accuracy_samples', float('nan')):.3f} on pairs of pre-trained LM samples; "
                  f"data: {info.get('pairs')} pairs ({info.get('train_prompts')} training prompts, "
                  f"{info.get('test_prompts')} held-out prompts), vocabulary {info.get('vocab')}")
     return "\n".join(lines)
@@ -768,7 +817,7 @@ def main(argv: list[str] | None = None) -> dict:
         p.requires_grad_(False)
     stamps["pretrain"] = time.time() - t_start
 
-    rm = train_reward_model(args, data)
+    rm = train_reward_model(args, data, graph, noise, pre)
     for p in rm.parameters():
         p.requires_grad_(False)
     stamps["reward"] = time.time() - t_start
