@@ -359,16 +359,17 @@ def rollout(model, graph: Graph, noise, num_samples: int, length: int, steps: in
     x = graph.sample_prior((num_samples, length), device, generator)
     if n_fixed:
         x[:, :n_fixed] = prefix
+    fixed = x[:, :n_fixed]  # copied through every step; only the free positions are sampled
     ts, kept = time_grid(steps, device), []
     for k in range(steps):
         t, s = ts[k].expand(num_samples), ts[k + 1].expand(num_samples)
         if k >= steps - keep_last:
             kept.append(x)
-        x = torch.cat([x[:, :n_fixed], sample_categorical(
-            predictor_log_probs(model, graph, noise, x, t, s, n_fixed), generator)], 1)
+        x = torch.cat([fixed, sample_categorical(predictor_log_probs(model, graph, noise, x, t, s, n_fixed),
+                                                 generator)], 1)
         if k < steps - 1:  # no corrector at t = 0, where the masked scores are infinite
             for _ in range(corrector_steps):
-                x = torch.cat([x[:, :n_fixed], sample_categorical(
+                x = torch.cat([fixed, sample_categorical(
                     corrector_log_probs(model, graph, noise, x, s, t - s, n_fixed), generator)], 1)
     states = torch.stack(kept, 1) if kept else x.new_empty(num_samples, 0, length)
     return x, states

@@ -623,15 +623,19 @@ def policy_pairs(args: argparse.Namespace, data: TextData, graph, noise, pre: nn
     return torch.where(first, a, b)[keep], torch.where(first, b, a)[keep]
 
 
+def rm_config(args: argparse.Namespace) -> dict:
+    # the policy pairs are samples of the pre-trained LM, so the LM's settings count too
+    return dict(lm_config(args), **{k: getattr(args, k) for k in (
+        "rm_d_model", "rm_layers", "rm_heads", "rm_epochs", "rm_batch", "rm_lr", "policy_pairs", "steps")})
+
+
 def train_reward_model(args: argparse.Namespace, data: TextData, graph=None, noise=None, pre: nn.Module | None = None,
                        verbose: bool = True) -> RewardModel:
     """Stage 4: Bradley-Terry on the RM's half of the data pairs plus, with --policy-pairs,
     gold-labelled pairs of pre-trained LM responses to the training prompts."""
     L = args.prompt_len + args.response_len
     path = os.path.join(args.out, "reward_model.pt")
-    cfg = {k: getattr(args, k) for k in ("rm_d_model", "rm_layers", "rm_heads", "rm_epochs", "rm_batch", "rm_lr",
-                                         "policy_pairs", "steps")}
-    cfg.update(lm_config(args))  # the policy pairs are samples of the pre-trained LM
+    cfg = rm_config(args)
     ck = load_ckpt(path, cfg)
     torch.manual_seed(args.seed + 1)  # same RM whether or not the LM stage was cached
     rm = RewardModel(data.tok.get_vocab_size(), L, args.rm_d_model, args.rm_layers, args.rm_heads).to(args.device)
@@ -640,13 +644,12 @@ def train_reward_model(args: argparse.Namespace, data: TextData, graph=None, noi
         data.info.update(ck["info"])
         print(f"[reward] cached: {path} (held-out pairwise accuracy {ck['info']['rm_accuracy']:.3f})")
         return rm.eval()
-    (c, r), tests = data.rm_train, {"data": data.rm_test}
+    (c, r), tests, n_policy = data.rm_train, {"data": data.rm_test}, 0
     if args.policy_pairs > 0:
         t0 = time.time()
         pc, pr = policy_pairs(args, data, graph, noise, pre, data.train_prompts, args.seed + 10)
         tests["samples"] = policy_pairs(args, data, graph, noise, pre, data.test_prompts, args.seed + 20)
-        c, r = torch.cat([c, pc]), torch.cat([r, pr])
-        data.info["policy_pairs"] = len(pc)
+        c, r, n_policy = torch.cat([c, pc]), torch.cat([r, pr]), len(pc)
         print(f"[reward] {len(pc)} gold-labelled pairs of pre-trained LM responses "
               f"({len(tests['samples'][0])} more on held-out prompts) {time.time() - t0:.0f}s", flush=True)
     c, r = c.to(args.device), r.to(args.device)
@@ -667,7 +670,8 @@ def train_reward_model(args: argparse.Namespace, data: TextData, graph=None, noi
         if verbose:
             print(f"[reward] epoch {ep + 1}/{args.rm_epochs} BT loss {np.mean(losses):.3f} held-out pairwise "
                   f"accuracy {' '.join(f'{k} {v:.3f}' for k, v in acc.items())} {time.time() - t0:.0f}s", flush=True)
-    info = {"rm_accuracy": acc["data"], "rm_accuracy_samples": acc.get("samples", float("nan"))}
+    info = {"rm_accuracy": acc["data"], "rm_accuracy_samples": acc.get("samples", float("nan")),
+            "policy_pairs": n_policy}
     data.info.update(info)
     save_atomic(dict(model=rm.state_dict(), info=info, config=cfg), path)
     return rm.eval()
@@ -675,12 +679,11 @@ def train_reward_model(args: argparse.Namespace, data: TextData, graph=None, noi
 
 # ----------------------------------------------------------------------------- SEPO
 def sepo_config(args: argparse.Namespace) -> dict:
-    # not `iters`: asking for more iterations resumes the same run
-    return dict(lm_config(args), steps=args.steps, batch=args.batch, group=args.group,
+    # not `iters`: asking for more iterations resumes the same run; the reward model it climbed counts
+    return dict(rm_config(args), steps=args.steps, batch=args.batch, group=args.group,
                 lr=args.lr, epochs=args.epochs, kl_coef=args.kl_coef, kl_steps=args.kl_steps,
                 snis=args.snis, pl_positions=args.pl_positions, clip_eps=args.clip_eps, t_eval=args.t_eval,
-                baseline=args.baseline,
-                rm=(args.rm_d_model, args.rm_layers, args.rm_epochs, args.policy_pairs))
+                baseline=args.baseline)
 
 
 def finetune(args: argparse.Namespace, data: TextData, graph, noise, pre: nn.Module, rm: RewardModel):
