@@ -1,34 +1,34 @@
 """SEPO: Score Entropy Policy Optimization, in one file.
 
-Policy-gradient fine-tuning of discrete diffusion models against black-box
-rewards (Zekri & Boulle, "Fine-Tuning Discrete Diffusion Models with Policy
-Gradient Methods", NeurIPS 2025). Read top to bottom, in dependency order:
+Policy-gradient fine-tuning of discrete diffusion models against black-box rewards (Zekri & Boulle,
+"Fine-Tuning Discrete Diffusion Models with Policy Gradient Methods", NeurIPS 2025, arXiv 2502.01384).
+Read top to bottom, in dependency order; docs/math.md derives every formula ("math §n" below):
 
-    1. CTMC graphs (uniform, masked)          SEPO_MATH.md section 1
-    2. noise schedules                        section 1
-    3. samplers: predictor + corrector        sections 2 and 7
-    4. pre-training losses and the ELBO       section 1
-    5. SEPO pieces: gradient of log pi        section 3 (T2)
-                    SNIS importance ratio     section 4
-                    clipped objective, advantages  section 5
-                    truncated path KL         section 6
-    6. the trainer (Algorithm 1)              sections 5, 6, 10
+    1. CTMC graphs (uniform, masked)               math §1 (SEDD, MDLM)
+    2. noise schedules                             math §1
+    3. samplers: predictor + corrector             math §2, §8 (the corrector: Maas 2011)
+    4. pre-training losses and the ELBO            math §1
+    5. SEPO pieces: grad log pi                    math §3 (Theorem 3.1; T2) and §4 (path gradients)
+                    importance ratios              math §5 (SNIS; the rollout path)
+                    clipped objective, advantages  math §6 (Eq. (9))
+                    truncated path KL              math §7
+    6. the trainer                                 Algorithm 1
 
-"section n" / "(Tn)" below point at SEPO_MATH.md. Depends on torch only.
-
-Conventions. x: LongTensor[B, L] of token ids. A model is any nn.Module with
-model(x, sigma) -> Tensor[B, L, V], where sigma[B] is the total noise
-sigmabar(t) of each row. Uniform graph: V = n log concrete scores. Masked
-graph: V = n or n + 1 denoiser logits (a MASK column is ignored). The first
-`n_fixed` positions of a sequence may be a prompt: never noised, never changed.
+Conventions. x: LongTensor[B, L] of token ids. A model is any nn.Module with model(x, sigma) ->
+Tensor[B, L, V], where sigma[B] is the total noise sigmabar(t) of each row. Uniform graph: V = n log
+concrete scores. Masked graph: V = n or n + 1 denoiser logits (a MASK column is ignored). The first
+`n_fixed` positions of a sequence may be a prompt: never noised, never changed, never computed.
+Log-probabilities and their sums are fp32 or better whatever the model's dtype. Depends on torch only.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import itertools
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -46,17 +46,28 @@ def _col(v: Tensor) -> Tensor:
     return v[:, None, None]
 
 
-# ---------------------------------------------------------------------------
-# 1. CTMC graphs (section 1). One class per per-token generator Q, SEDD style.
-# ---------------------------------------------------------------------------
+# === 1. CTMC graphs (math §1). One class per per-token generator Q, SEDD style. ==================
 
 
 class Graph:
-    """A CTMC on V^L whose tokens are noised independently by a generator Q.
+    """A CTMC on V^L whose tokens are noised independently by a generator Q (Q[i, j]: rate of i -> j).
 
-    Q[i, j] is the rate of the jump i -> j (rows sum to zero). Neighbours of x
-    are the Hamming-1 moves x^{l<-v}; every method below returns, for each
-    position l, a vector over the token v of the move x^l -> v.
+    Neighbours of x are the Hamming-1 moves x^{l<-v}; per position l the rate methods give a vector over
+    the token v of the move x^l -> v, in closed form (nothing of size V^2 is built; toy_ctmc.generator
+    is the dense Q). Each graph implements, for x, y [B, L] and sigmabar, sigma, t, s [B]:
+
+      transition(x, sigmabar)             p_{t|0}(v | x^l) = exp(sigmabar Q)[x^l, v]        [B, L, V]
+      transition_log_prob(x, y, sigmabar) log exp(sigmabar Q)[x^l, y^l]                     [B, L]
+      sample_transition(x, sigmabar)      x_t ~ p_{t|0}(. | x), forward noising             [B, L]
+      sample_prior(shape, device)         x_1 from the limit of the forward process         [B, L]
+      log_score(out, x, sigmabar)         log s(x, t)_{l,v} = log q_t(x^{l<-v}) / q_t(x); 0 at v = x^l,
+                                          -inf where the move has no rate either way        [B, L, V]
+      log_reverse_rate(out, x, sigmabar, sigma)  log Qbar(x -> x^{l<-v}) = log[sigma s_{l,v} Q(v -> x^l)]
+      log_forward_rate(x, sigma)          log[sigma Q(x^l -> v)], broadcastable to          [B, L, V]
+      predictor_log_probs(out, x, noise, t, s, y=None)  log P(x_s^l = v | x_t), one sampler step t -> s
+                                          [B, L, V]; given y, only the entries at y         [B, L]
+
+    The rates' entry v = x^l is not a move and is left unspecified (tau-leaping overwrites it).
     """
 
     n: int           # number of real tokens
@@ -64,63 +75,12 @@ class Graph:
     mask_id: Optional[int] = None
     out_dims: tuple[int, ...]  # accepted last dims of a model output
 
-    def generator(self, dtype: torch.dtype = torch.float64) -> Tensor:
-        """Q, the per-token generator [V, V]."""
-        raise NotImplementedError
-
-    def rate_out(self, x: Tensor) -> Tensor:
-        """Q(x^l -> v), zero at v = x^l: forward rates [..., V]."""
-        return self._offdiag(self.generator(torch.get_default_dtype()).to(x.device)[x], x)
-
-    def rate_in(self, x: Tensor) -> Tensor:
-        """Q(v -> x^l), zero at v = x^l: the factor of the reverse rate [..., V]."""
-        Q = self.generator(torch.get_default_dtype()).to(x.device)
-        return self._offdiag(Q.t()[x], x)
-
-    @staticmethod
-    def _offdiag(r: Tensor, x: Tensor) -> Tensor:
-        return r.scatter(-1, x[..., None], 0.0)
-
-    def transition(self, x: Tensor, sigmabar: Tensor) -> Tensor:
-        """p_{t|0}(v | x^l) = exp(sigmabar Q)[x^l, v]  [B, L, V]; sigmabar [B]."""
-        raise NotImplementedError
-
-    def transition_log_prob(self, x: Tensor, y: Tensor, sigmabar: Tensor) -> Tensor:
-        """log exp(sigmabar Q)[x^l, y^l] per position [B, L]."""
-        raise NotImplementedError
-
-    def sample_transition(self, x: Tensor, sigmabar: Tensor, generator=None) -> Tensor:
-        """x_t ~ p_{t|0}(. | x) (forward noising), sigmabar [B]."""
-        raise NotImplementedError
-
-    def sample_prior(self, shape: tuple[int, int], device, generator=None) -> Tensor:
-        """x_1 from the limit of the forward process."""
-        raise NotImplementedError
-
-    def log_score(self, out: Tensor, x: Tensor, sigmabar: Tensor) -> Tensor:
-        """log s(x, t)_{l,v} = log q_t(x^{l<-v}) / q_t(x)  [B, L, V]; 0 at v = x^l,
-        -inf where the move has no rate in either direction."""
-        raise NotImplementedError
-
-    def log_reverse_rate(self, out: Tensor, x: Tensor, sigmabar: Tensor, sigma: Tensor) -> Tensor:
-        """log Qbar(x -> x^{l<-v}) = log[sigma s(x)_{l,v} Q(v -> x^l)]  (section 1); -inf at v = x^l."""
-        return _col(sigma).log() + self.log_score(out, x, sigmabar) + self.rate_in(x).log()
-
-    def log_forward_rate(self, x: Tensor, sigma: Tensor) -> Tensor:
-        """log[sigma Q(x^l -> v)], -inf at v = x^l."""
-        return _col(sigma).log() + self.rate_out(x).log()
-
-    def predictor_log_probs(self, out, x, noise, t, s) -> Tensor:
-        """log P(x_s^l = v | x_t) of one predictor step t -> s < t  [B, L, V]."""
-        raise NotImplementedError
-
     def sample_path(self, x: Tensor, sigmabars: Tensor, n_fixed: int = 0, generator=None) -> Tensor:
-        """A latent path z_0..z_T [B, T+1, L] of the forward process run backwards from
-        z_T = x on the sampler's grid (sigmabars [T+1], decreasing): the SNIS proposal."""
+        """A latent path z_0..z_T [B, T+1, L] of the forward process run backwards from z_T = x on the
+        sampler's grid (sigmabars [T+1], decreasing): the SNIS proposal (math §5)."""
         z = [x]
         for k in range(len(sigmabars) - 2, -1, -1):
-            d = (sigmabars[k] - sigmabars[k + 1]).expand(x.shape[0])
-            zk = self.sample_transition(z[-1], d, generator)
+            zk = self.sample_transition(z[-1], (sigmabars[k] - sigmabars[k + 1]).expand(x.shape[0]), generator)
             zk[:, :n_fixed] = x[:, :n_fixed]
             z.append(zk)
         return torch.stack(z[::-1], 1)
@@ -133,15 +93,6 @@ class Uniform(Graph):
         self.n = self.vocab_size = n
         self.mask_id = None
         self.out_dims = (n,)
-
-    def generator(self, dtype=torch.float64) -> Tensor:
-        return torch.full((self.n, self.n), 1.0 / self.n, dtype=dtype) - torch.eye(self.n, dtype=dtype)
-
-    def rate_out(self, x: Tensor) -> Tensor:
-        r = torch.full((*x.shape, self.n), 1.0 / self.n, device=x.device, dtype=torch.get_default_dtype())
-        return self._offdiag(r, x)
-
-    rate_in = rate_out  # Q is symmetric
 
     def transition(self, x, sigmabar):
         keep = torch.exp(-_col(sigmabar))  # e^{-sigmabar}: keep the token ...
@@ -162,10 +113,16 @@ class Uniform(Graph):
     def log_score(self, out, x, sigmabar):
         return out.scatter(-1, x[..., None], 0.0)  # s(x)_{x^l} = 1 by definition
 
-    def predictor_log_probs(self, out, x, noise, t, s):
-        # Euler / tau-leaping with the learned reverse rates Qbar(x -> x^{l<-v}) (section 2).
+    def log_reverse_rate(self, out, x, sigmabar, sigma):
+        return out + _col(sigma / self.n).log()  # Q(v -> x^l) = 1/n off the diagonal
+
+    def log_forward_rate(self, x, sigma):
+        return _col(sigma / self.n).log()  # a scalar per row: no [B, L, V] tensor of 1/n
+
+    def predictor_log_probs(self, out, x, noise, t, s, y=None):
+        # Euler / tau-leaping with the learned reverse rates Qbar(x -> x^{l<-v}) (math §2).
         sigmabar, sigma = noise(t)
-        return tau_leap_log_probs(self.log_reverse_rate(out, x, sigmabar, sigma), x, t - s)
+        return tau_leap_log_probs(self.log_reverse_rate(out, x, sigmabar, sigma), x, t - s, y)
 
 
 class Masked(Graph):
@@ -177,12 +134,6 @@ class Masked(Graph):
         self.mask_id = n
         self.out_dims = (n, n + 1)
 
-    def generator(self, dtype=torch.float64) -> Tensor:
-        Q = torch.zeros(self.n + 1, self.n + 1, dtype=dtype)
-        Q[: self.n, self.n] = 1.0
-        Q[: self.n, : self.n] -= torch.eye(self.n, dtype=dtype)
-        return Q
-
     def transition(self, x, sigmabar):
         alpha = torch.exp(-_col(sigmabar))  # keep with alpha_t, else MASK
         p = alpha * F.one_hot(x, self.vocab_size)
@@ -190,11 +141,9 @@ class Masked(Graph):
         return torch.where((x == self.mask_id)[..., None], F.one_hot(x, self.vocab_size).to(p), p)
 
     def transition_log_prob(self, x, y, sigmabar):
-        sb = sigmabar[:, None].expand(x.shape)
-        m = self.mask_id
-        lp = torch.where(y == m, torch.log(-torch.expm1(-sb)), -sb)
-        lp = torch.where(x == m, torch.where(y == m, 0.0, NEG_INF), torch.where((y == x) | (y == m), lp, NEG_INF))
-        return lp
+        sb, m = sigmabar[:, None].expand(x.shape), self.mask_id
+        lp = torch.where(y == m, torch.log(-torch.expm1(-sb)), -sb)  # masked with 1 - alpha, kept with alpha
+        return torch.where(x == m, torch.where(y == m, 0.0, NEG_INF), torch.where((y == x) | (y == m), lp, NEG_INF))
 
     def sample_transition(self, x, sigmabar, generator=None):
         drop = torch.rand(x.shape, device=x.device, generator=generator) < -torch.expm1(-sigmabar[:, None])
@@ -204,28 +153,51 @@ class Masked(Graph):
         return torch.full(shape, self.mask_id, dtype=torch.long, device=device)
 
     def denoiser_log_probs(self, out: Tensor) -> Tensor:
-        """log p_theta(x_0^l = v | x_t) over the n clean tokens [B, L, n]."""
+        """log p_theta(x_0^l = v | x_t) over the n clean tokens [..., n]."""
         return out[..., : self.n].log_softmax(-1)
 
     def log_score(self, out, x, sigmabar):
-        # Masked position: s_{l,v} = alpha/(1-alpha) p_theta(v | x_t) = p_theta / expm1(sigmabar) (section 1).
+        # Masked position: s_{l,v} = alpha/(1-alpha) p_theta(v | x_t) = p_theta / expm1(sigmabar) (math §1).
         # An unmasked position has no reverse move, so its scores are never used: -inf.
         masked = (x == self.mask_id)[..., None]
         unmask = self.denoiser_log_probs(out) - _col(torch.expm1(sigmabar)).log()
         unmask = F.pad(unmask, (0, 1), value=0.0)  # s(x)_{MASK} = 1 at a masked position
         return torch.where(masked, unmask, F.one_hot(x, self.vocab_size).to(out).log())
 
-    def predictor_log_probs(self, out, x, noise, t, s):
-        # MDLM step (section 2): a masked token becomes v w.p. p_theta(v)(a_s - a_t)/(1 - a_t),
-        # stays MASK w.p. (1 - a_s)/(1 - a_t); unmasked tokens are copied (SUBS).
-        sb_t, sb_s = _col(noise(t)[0]), _col(noise(s)[0])
+    def log_reverse_rate(self, out, x, sigmabar, sigma):
+        # Q(v -> MASK) = 1 for every real v, and log_score is -inf wherever Q(v -> x^l) = 0 off the diagonal
+        return self.log_score(out, x, sigmabar) + _col(sigma).log()
+
+    def log_forward_rate(self, x, sigma):
+        to_mask = (x != self.mask_id)[..., None] & (torch.arange(self.vocab_size, device=x.device) == self.mask_id)
+        return torch.where(to_mask, _col(sigma).log(), NEG_INF)  # only real token -> MASK, at rate sigma
+
+    @staticmethod
+    def step_coefficients(noise, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+        """(log (a_s - a_t)/(1 - a_t), log (1 - a_s)/(1 - a_t)) [B, 1] of the MDLM step t -> s: unmasking
+        to v has probability p_theta(v) times the first, staying masked the second (-inf at s = 0)."""
+        sb_t, sb_s = noise(t)[0][:, None], noise(s)[0][:, None]
         log_1m_at = torch.log(-torch.expm1(-sb_t))
-        log_unmask = -sb_s + torch.log(-torch.expm1(sb_s - sb_t)) - log_1m_at
-        log_stay = torch.log(-torch.expm1(-sb_s)) - log_1m_at  # -inf at s = 0: the last step unmasks all
-        step = torch.cat([self.denoiser_log_probs(out) + log_unmask, log_stay.expand(*x.shape, 1)], -1)
+        return -sb_s + torch.log(-torch.expm1(sb_s - sb_t)) - log_1m_at, torch.log(-torch.expm1(-sb_s)) - log_1m_at
+
+    def predictor_log_probs(self, out, x, noise, t, s, y=None):
+        # MDLM step (math §2): a masked token becomes v w.p. p_theta(v)(a_s - a_t)/(1 - a_t), stays MASK
+        # w.p. (1 - a_s)/(1 - a_t); unmasked tokens are copied (SUBS). The last step (s = 0) unmasks all.
+        log_unmask, log_stay = self.step_coefficients(noise, t, s)
         masked = x == self.mask_id
-        step = step.masked_fill(~masked[..., None], NEG_INF)
-        return step.scatter_(-1, x[..., None], torch.where(masked[..., None], log_stay, 0.0))
+        if y is None:
+            step = torch.cat([self.denoiser_log_probs(out) + log_unmask[..., None],
+                              log_stay[..., None].expand(*x.shape, 1)], -1).masked_fill(~masked[..., None], NEG_INF)
+            return step.scatter_(-1, x[..., None], torch.where(masked, log_stay, 0.0)[..., None])
+        # At y only the unmasked positions read the model, through one logsumexp each. With out=None
+        # this is the model-free part, exact for a row where no position is unmasked.
+        unmask = masked & (y != self.mask_id)
+        lp = torch.where(masked, torch.where(unmask, log_unmask, log_stay), torch.where(y == x, 0.0, NEG_INF))
+        if out is None or not unmask.any():
+            return lp
+        o = out[unmask]  # [K, V]: the unmasked positions only
+        logp = o.gather(-1, y[unmask][:, None]).squeeze(-1) - o[:, : self.n].logsumexp(-1)
+        return lp.masked_scatter(unmask, lp[unmask] + logp)
 
     def sample_path(self, x, sigmabars, n_fixed=0, generator=None):
         # Forward masking times conditioned on "all masked at t = 1", the sampler's start: a
@@ -239,9 +211,7 @@ class Masked(Graph):
         return torch.where(masked, self.mask_id, x[:, None, :])
 
 
-# ---------------------------------------------------------------------------
-# 2. Noise schedules (section 1): noise(t) -> (sigmabar(t), sigma(t) = d sigmabar / dt).
-# ---------------------------------------------------------------------------
+# === 2. Noise schedules (math §1): noise(t) -> (sigmabar(t), sigma(t) = d sigmabar / dt). ========
 
 
 class LogLinear:
@@ -271,13 +241,23 @@ def time_grid(steps: int, device=None) -> Tensor:
     return torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.get_default_dtype())
 
 
-# ---------------------------------------------------------------------------
-# 3. Samplers (sections 2 and 7).
-# ---------------------------------------------------------------------------
+def sampler_schedule(steps: int, corrector_steps: int = 0, device=None) -> tuple[Tensor, Tensor, list[bool]]:
+    """The sampler's transitions in order: predictor t_k -> t_{k+1}, then (for k < T - 1)
+    `corrector_steps` corrector steps at t_{k+1} of length t_k - t_{k+1}. Returns (t [S], a [S],
+    is_corrector [S]) with a = the predictor's target time s or the corrector's dtau."""
+    ts, rows = time_grid(steps, device), []
+    for k in range(steps):
+        rows.append((ts[k], ts[k + 1], False))
+        rows += [(ts[k + 1], ts[k] - ts[k + 1], True)] * (corrector_steps if k < steps - 1 else 0)
+    return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]), [r[2] for r in rows]
+
+
+# === 3. Samplers (math §2 and §8). ===============================================================
 
 
 def model_output(model: nn.Module, graph: Graph, x: Tensor, sigmabar: Tensor) -> Tensor:
-    """model(x, sigmabar), checked: a wrong shape is an error, never a silent broadcast."""
+    """model(x, sigmabar) in fp32 or better (a bf16 model or autocast never gives bf16 log-probs),
+    checked: a wrong shape is an error, never a silent broadcast."""
     out = model(x, sigmabar)
     B, L = x.shape
     if not (isinstance(out, Tensor) and out.dim() == 3 and tuple(out.shape[:2]) == (B, L)
@@ -285,40 +265,43 @@ def model_output(model: nn.Module, graph: Graph, x: Tensor, sigmabar: Tensor) ->
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         want = " or ".join(f"[{B}, {L}, {v}]" for v in graph.out_dims)
         raise ValueError(f"model returned {shape}; {type(graph).__name__}({graph.n}) needs {want}")
-    return out
+    return out.to(torch.promote_types(out.dtype, torch.float32))
 
 
-def tau_leap_log_probs(log_rate: Tensor, x: Tensor, dt: Tensor) -> Tensor:
-    """One tau-leaping step per token with total leaving rate lambda = sum_v rate_v:
-    P(stay) = exp(-lambda dt), P(x^l -> v) = (1 - exp(-lambda dt)) rate_v / lambda.
-    To first order this is section 2's P = dt * rate; unlike the clamped form it never needs
-    renormalising and gives every move a positive probability, which SNIS (section 4) needs."""
+def tau_leap_log_probs(log_rate: Tensor, x: Tensor, dt: Tensor, y: Optional[Tensor] = None) -> Tensor:
+    """One tau-leaping step per token with total leaving rate lambda = sum_{v != x^l} rate_v:
+    P(stay) = exp(-lambda dt), P(x^l -> v) = (1 - exp(-lambda dt)) rate_v / lambda  [B, L, V], or [B, L]
+    at y. To first order this is math §2's P = dt * rate; unlike the clamped form it never needs
+    renormalising and gives every move a positive probability, which the importance ratios need."""
     log_rate = log_rate.scatter(-1, x[..., None], NEG_INF)
     log_lam = torch.logsumexp(log_rate, -1, keepdim=True)
     lam_dt = (log_lam + _col(dt).log()).exp()
     # log(1 - e^{-lam dt}); the clamp keeps autograd finite where a token has no move at all
     log_leave = torch.log((-torch.expm1(-lam_dt)).clamp(min=_tiny(lam_dt)))
-    log_jump = log_rate - log_lam.clamp(min=torch.finfo(log_lam.dtype).min)  # a token with no move: -inf
-    return (log_jump + log_leave).scatter(-1, x[..., None], -lam_dt)
+    log_lam = log_lam.clamp(min=torch.finfo(log_lam.dtype).min)  # a token with no move: -inf jumps
+    if y is None:
+        return (log_rate - log_lam + log_leave).scatter(-1, x[..., None], -lam_dt)
+    jump = (log_rate.gather(-1, y[..., None]) - log_lam + log_leave).squeeze(-1)
+    return torch.where(y == x, -lam_dt.squeeze(-1), jump)
 
 
-def predictor_log_probs(model, graph: Graph, noise, x: Tensor, t: Tensor, s: Tensor,
-                        n_fixed: int = 0) -> Tensor:
-    """log P_theta(x_s = . | x_t) of one predictor step (t, s: [B]) at the free positions
-    [B, L - n_fixed, V]; the n_fixed prefix tokens are copied, so they are never computed."""
+def predictor_log_probs(model, graph: Graph, noise, x: Tensor, t: Tensor, s: Tensor, n_fixed: int = 0,
+                        y: Optional[Tensor] = None) -> Tensor:
+    """log P_theta(x_s = . | x_t) of one predictor step (t, s: [B]) at the free positions [B, L - n_fixed, V],
+    or its entries at the free part y [B, L - n_fixed]; the n_fixed prefix tokens are copied, never computed."""
     out = model_output(model, graph, x, noise(t)[0])
-    return graph.predictor_log_probs(out[:, n_fixed:], x[:, n_fixed:], noise, t, s)
+    return graph.predictor_log_probs(out[:, n_fixed:], x[:, n_fixed:], noise, t, s, y)
 
 
-def corrector_log_probs(model, graph: Graph, noise, x: Tensor, t: Tensor, dtau: Tensor,
-                        n_fixed: int = 0) -> Tensor:
-    """One tau-leaping step of the gradient-flow generator G_t = Q_t + Qbar_theta,t (section 7)
-    at the free positions [B, L - n_fixed, V]. G_t is reversible for q_t^theta, so the step
-    moves the samples towards q_t^theta."""
+def corrector_log_probs(model, graph: Graph, noise, x: Tensor, t: Tensor, dtau: Tensor, n_fixed: int = 0,
+                        y: Optional[Tensor] = None) -> Tensor:
+    """One tau-leaping step of the gradient-flow generator G_t = Q_t + Qbar_theta,t (math §8) at the free
+    positions [B, L - n_fixed, V] (or at y, as above). G_t is reversible for q_t^theta, so the step moves
+    the samples towards q_t^theta."""
     sigmabar, sigma = noise(t)
     out, x = model_output(model, graph, x, sigmabar)[:, n_fixed:], x[:, n_fixed:]
-    log_rate = torch.logaddexp(graph.log_forward_rate(x, sigma), graph.log_reverse_rate(out, x, sigmabar, sigma))
-    return tau_leap_log_probs(log_rate, x, dtau)
+    return tau_leap_log_probs(torch.logaddexp(graph.log_forward_rate(x, sigma),
+                                              graph.log_reverse_rate(out, x, sigmabar, sigma)), x, dtau, y)
 
 
 def sample_categorical(logp: Tensor, generator=None) -> Tensor:
@@ -328,9 +311,7 @@ def sample_categorical(logp: Tensor, generator=None) -> Tensor:
 
 
 def _device(model: nn.Module) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    if p is None:
-        p = next(iter(model.buffers()), None)
+    p = next(itertools.chain(model.parameters(), model.buffers()), None)
     return p.device if p is not None else torch.device("cpu")
 
 
@@ -338,19 +319,51 @@ def _prefix_rows(prefix: Optional[Tensor], num_samples: int, device) -> Optional
     if prefix is None:
         return None
     prefix = torch.as_tensor(prefix, device=device).long()
-    if prefix.dim() == 1:
-        prefix = prefix.expand(num_samples, -1)
+    prefix = prefix.expand(num_samples, -1) if prefix.dim() == 1 else prefix
     if prefix.dim() != 2 or prefix.shape[0] != num_samples:
         raise ValueError(f"prefix must be [Lp] or [{num_samples}, Lp], got {tuple(prefix.shape)}")
     return prefix
 
 
+def _predictor_sample(model, graph: Graph, noise, x: Tensor, t: Tensor, s: Tensor, n_fixed: int,
+                      generator) -> tuple[Tensor, Tensor]:
+    """One predictor step at the free positions: (x_s [B, L - n_fixed], log P_theta(x_s | x_t) [B])."""
+    free = x[:, n_fixed:]
+    if not isinstance(graph, Masked):
+        logp = predictor_log_probs(model, graph, noise, x, t, s, n_fixed)
+        y = sample_categorical(logp, generator)
+        return y, logp.gather(-1, y[..., None]).squeeze(-1).sum(-1)
+    # MDLM in two exact stages: which masked positions unmask does not depend on the model (probability
+    # 1 - (1 - a_s)/(1 - a_t)); only rows where some position unmasks call it, for the new tokens there.
+    log_stay = Masked.step_coefficients(noise, t, s)[1]
+    unmask = (free == graph.mask_id) & (torch.rand(free.shape, device=x.device, generator=generator)
+                                        < -torch.expm1(log_stay))
+    y = free.clone()
+    rows = unmask.any(1).nonzero().squeeze(1)
+    if len(rows):
+        out = model_output(model, graph, x[rows], noise(t[rows])[0])[:, n_fixed:]
+        sel = unmask[rows]
+        y[rows] = free[rows].masked_scatter(sel, sample_categorical(graph.denoiser_log_probs(out[sel]), generator))
+    lp = graph.predictor_log_probs(None, free, noise, t, s, y).sum(-1)
+    if len(rows):
+        lp[rows] = graph.predictor_log_probs(out, free[rows], noise, t[rows], s[rows], y[rows]).sum(-1)
+    return y, lp
+
+
+class Rollout(NamedTuple):
+    x: Tensor                # [B, L] the samples x ~ pi_theta
+    states: Tensor           # [B, keep_last, L] predictor inputs of the last keep_last steps (path KL)
+    path: Optional[Tensor]   # [B, S + 1, L] every state of the chain (record=True), on sampler_schedule
+    log_prob: Optional[Tensor]  # [B] log P_theta(path | z_0) (record=True)
+
+
 @torch.no_grad()
 def rollout(model, graph: Graph, noise, num_samples: int, length: int, steps: int = 128,
             corrector_steps: int = 0, prefix: Optional[Tensor] = None, generator=None,
-            keep_last: int = 0) -> tuple[Tensor, Tensor]:
-    """Run the reverse chain from the prior; returns (x_0 [B, L], the predictor's input
-    states of the last `keep_last` steps [B, keep_last, L], for the path KL)."""
+            keep_last: int = 0, record: bool = False) -> Rollout:
+    """Run the reverse chain from the prior: `steps` predictor steps, each but the last followed by
+    `corrector_steps` gradient-flow corrector steps. record=True keeps the whole latent path and
+    its log-probability under the sampler (the rollout estimators, math §4 and §5)."""
     device = _device(model)
     prefix = _prefix_rows(prefix, num_samples, device)
     n_fixed = 0 if prefix is None else prefix.shape[1]
@@ -360,31 +373,41 @@ def rollout(model, graph: Graph, noise, num_samples: int, length: int, steps: in
     if n_fixed:
         x[:, :n_fixed] = prefix
     fixed = x[:, :n_fixed]  # copied through every step; only the free positions are sampled
-    ts, kept = time_grid(steps, device), []
-    for k in range(steps):
-        t, s = ts[k].expand(num_samples), ts[k + 1].expand(num_samples)
-        if k >= steps - keep_last:
-            kept.append(x)
-        x = torch.cat([fixed, sample_categorical(predictor_log_probs(model, graph, noise, x, t, s, n_fixed),
-                                                 generator)], 1)
-        if k < steps - 1:  # no corrector at t = 0, where the masked scores are infinite
-            for _ in range(corrector_steps):
-                x = torch.cat([fixed, sample_categorical(
-                    corrector_log_probs(model, graph, noise, x, s, t - s, n_fixed), generator)], 1)
+    t_all, a_all, corr = sampler_schedule(steps, corrector_steps, device)
+    kept, path = [], [x]
+    logp = torch.zeros(num_samples, device=device, dtype=torch.get_default_dtype())
+    k = 0
+    for i, is_corr in enumerate(corr):
+        t, a = t_all[i].expand(num_samples), a_all[i].expand(num_samples)
+        if is_corr:  # no corrector at t = 0, where the masked scores are infinite
+            lq = corrector_log_probs(model, graph, noise, x, t, a, n_fixed)
+            y = sample_categorical(lq, generator)
+            lp = lq.gather(-1, y[..., None]).squeeze(-1).sum(-1)
+        else:
+            kept += [x] if k >= steps - keep_last else []
+            y, lp = _predictor_sample(model, graph, noise, x, t, a, n_fixed, generator)
+            k += 1
+        x = torch.cat([fixed, y], 1)
+        logp += lp
+        path += [x] if record else []
     states = torch.stack(kept, 1) if kept else x.new_empty(num_samples, 0, length)
-    return x, states
+    return Rollout(x, states, torch.stack(path, 1) if record else None, logp if record else None)
 
 
 def sample(model, graph: Graph, noise, num_samples: int, length: int, steps: int = 128,
-           corrector_steps: int = 0, prefix: Optional[Tensor] = None, generator=None) -> Tensor:
+           corrector_steps: int = 0, prefix: Optional[Tensor] = None, generator=None,
+           batch_size: Optional[int] = None) -> Tensor:
     """x ~ pi_theta = q_0^theta: `steps` predictor steps, each followed by `corrector_steps`
-    gradient-flow corrector steps ("SEPO with GF"). prefix [Lp] or [B, Lp] is kept as is."""
-    return rollout(model, graph, noise, num_samples, length, steps, corrector_steps, prefix, generator)[0]
+    gradient-flow corrector steps ("SEPO with GF"). prefix [Lp] or [B, Lp] is kept as is;
+    batch_size bounds the sequences sampled at once (the result does not depend on it only when None)."""
+    bs = batch_size or max(num_samples, 1)
+    prefix = _prefix_rows(prefix, num_samples, _device(model))
+    return torch.cat([rollout(model, graph, noise, min(bs, num_samples - i), length, steps, corrector_steps,
+                              None if prefix is None else prefix[i:i + bs], generator).x
+                      for i in range(0, max(num_samples, 1), bs)])[:num_samples]
 
 
-# ---------------------------------------------------------------------------
-# 4. Pre-training losses (section 1) and the ELBO.
-# ---------------------------------------------------------------------------
+# === 4. Pre-training losses (math §1) and the ELBO. ==============================================
 
 T_MIN = 1e-3  # lowest training time: the masked weight 1/t and the uniform ratios blow up at 0
 
@@ -407,15 +430,14 @@ def _nelbo_integrand(model, graph: Graph, noise, x0: Tensor, t: Tensor, prefix_l
     return weight * per_tok[:, prefix_len:].sum(-1)
 
 
-def score_entropy(graph: Graph, log_s: Tensor, xt: Tensor, x0: Tensor, sigmabar: Tensor) -> Tensor:
-    """Denoising score entropy per position [B, L] (SEDD):
-    sum_{v != x_t} Q(v -> x_t)[s_v - r_v log s_v + r_v (log r_v - 1)], r_v = p_{t|0}(v|x0)/p_{t|0}(x_t|x0).
-    Non-negative, zero iff s = r."""
+def score_entropy(graph: Uniform, log_s: Tensor, xt: Tensor, x0: Tensor, sigmabar: Tensor) -> Tensor:
+    """Denoising score entropy per position [B, L] (SEDD) of the uniform graph:
+    sum_{v != x_t} Q(v -> x_t)[s_v - r_v log s_v + r_v (log r_v - 1)], r_v = p_{t|0}(v|x0)/p_{t|0}(x_t|x0),
+    with Q(v -> x_t) = 1/n. Non-negative, zero iff s = r."""
     p = graph.transition(x0, sigmabar)
     r = p / p.gather(-1, xt[..., None])
-    w = graph.rate_in(xt)
     terms = log_s.exp() - r * log_s + torch.xlogy(r, r) - r
-    return torch.where(w > 0, w * terms, 0.0).sum(-1)
+    return terms.scatter(-1, xt[..., None], 0.0).sum(-1) / graph.n
 
 
 def _times(batch: int, device, generator=None) -> Tensor:
@@ -427,36 +449,43 @@ def _times(batch: int, device, generator=None) -> Tensor:
 def pretrain_loss(model, graph: Graph, noise, x0: Tensor, prefix_len: int = 0, generator=None) -> Tensor:
     """Monte-Carlo NELBO in nats per token: denoising score entropy for Uniform, the MDLM
     weighted cross-entropy (score entropy of the absorbing graph) for Masked."""
-    t = _times(x0.shape[0], x0.device, generator)
-    nelbo = _nelbo_integrand(model, graph, noise, x0, t, prefix_len, generator)
+    nelbo = _nelbo_integrand(model, graph, noise, x0, _times(x0.shape[0], x0.device, generator), prefix_len, generator)
     return nelbo.mean() / max(x0.shape[1] - prefix_len, 1)
 
 
 @torch.no_grad()
 def elbo(model, graph: Graph, noise, x0: Tensor, num_t: int = 16, prefix_len: int = 0,
-         generator=None) -> Tensor:
-    """Evidence lower bound on log pi(x0) in nats per sequence [B], averaged over num_t
-    stratified times in [T_MIN, 1] (prior and t < T_MIN terms, both ~0, left out)."""
-    B = x0.shape[0]
-    t = _times(B * num_t, x0.device, generator).view(num_t, B)
-    return -torch.stack([_nelbo_integrand(model, graph, noise, x0, tj, prefix_len, generator)
-                         for tj in t]).mean(0)
+         generator=None, batch_size: Optional[int] = None) -> Tensor:
+    """Evidence lower bound on log pi(x0) in nats per sequence [B], averaged over num_t stratified
+    times in [T_MIN, 1] (prior and t < T_MIN terms, both ~0, left out), batch_size rows at a time."""
+    parts = []
+    for xb in x0.split(batch_size or max(len(x0), 1)):
+        t = _times(len(xb) * num_t, x0.device, generator).view(num_t, len(xb))
+        parts.append(-torch.stack([_nelbo_integrand(model, graph, noise, xb, tj, prefix_len, generator)
+                                   for tj in t]).mean(0))
+    return torch.cat(parts) if parts else x0.new_zeros(0, dtype=torch.get_default_dtype())
 
 
-# ---------------------------------------------------------------------------
-# 5. SEPO: the pieces of the policy gradient.
-# ---------------------------------------------------------------------------
+# === 5. SEPO: the pieces of the policy gradient. =================================================
+
+
+def pl_positions(batch: int, free: int, positions: int, n_fixed: int = 0, generator=None, device=None) -> Tensor:
+    """min(positions, free) distinct random free positions per row [batch, P] (the masked pseudo-likelihood)."""
+    P = min(positions, free)
+    return torch.rand(batch, free, device=device, generator=generator).argsort(-1)[:, :P] + n_fixed
 
 
 def log_pi_surrogate(model, graph: Graph, noise, x: Tensor, t_eval: float, n_fixed: int = 0,
-                     positions: int = 16, generator=None) -> Tensor:
+                     positions: int = 16, generator=None, pos: Optional[Tensor] = None) -> Tensor:
     """psi(x) [B] whose gradient is the SEPO estimate of grad log pi_theta(x): the gradient of the
-    log pseudo-likelihood sum_l log q(x^l | x^{-l}) (section 3, T2).
+    log pseudo-likelihood sum_l log q(x^l | x^{-l}) (math §3, (T2): Theorem 3.1 with the global weights
+    q(y) replaced by per-position conditionals).
 
     Uniform: one pass at the clean x, t_eval; with detached w_{l,v} = q(v | x^{-l}) = softmax_v log s,
         psi = - sum_l sum_{v != x^l} w_{l,v} log s_theta(x)_{l,v}.
     Masked: q(v | x^{-l}) is the denoiser at x^{l<-MASK}, so psi = sum_l log p_theta(x^l | x^{l<-MASK});
-        `positions` random positions per sample (one pass each, batched) scaled by L / P: unbiased.
+        P random positions per sample (`pos` [B, P], or `positions` drawn here; one pass each,
+        batched) scaled by (L - n_fixed) / P: unbiased.
     """
     B, L = x.shape
     free = L - n_fixed
@@ -465,8 +494,8 @@ def log_pi_surrogate(model, graph: Graph, noise, x: Tensor, t_eval: float, n_fix
     t = torch.full((B,), t_eval, device=x.device, dtype=torch.get_default_dtype())
     sigmabar = noise(t)[0]
     if isinstance(graph, Masked):
-        P = min(positions, free)
-        pos = torch.rand(B, free, device=x.device, generator=generator).argsort(-1)[:, :P] + n_fixed
+        pos = pl_positions(B, free, positions, n_fixed, generator, x.device) if pos is None else pos
+        P = pos.shape[1]
         xm = x[:, None, :].repeat(1, P, 1)
         xm.scatter_(-1, pos[..., None], graph.mask_id)
         out = model_output(model, graph, xm.view(B * P, L), sigmabar.repeat_interleave(P))
@@ -478,22 +507,44 @@ def log_pi_surrogate(model, graph: Graph, noise, x: Tensor, t_eval: float, n_fix
     return -(w * log_s).sum((-1, -2))
 
 
-def path_log_prob(model, graph: Graph, noise, paths: Tensor, n_fixed: int = 0,
-                  chunk_size: int = 1024) -> Tensor:
-    """log P_theta(z_0..z_T) = sum_k log P_theta(z_{k+1} | z_k) under the predictor  [N], no grad,
-    up to the prior term, which is the same for every path and model (section 4)."""
-    N, T1, L = paths.shape
-    T = T1 - 1
-    ts = time_grid(T, paths.device)
-    z, z_next = paths[:, :-1].reshape(N * T, L), paths[:, 1:].reshape(N * T, L)
-    t, s = ts[:-1].repeat(N), ts[1:].repeat(N)
-    out = torch.empty(N * T, device=paths.device, dtype=torch.get_default_dtype())
-    with torch.no_grad():
-        for i in range(0, N * T, chunk_size):
-            j = slice(i, i + chunk_size)
-            logp = predictor_log_probs(model, graph, noise, z[j], t[j], s[j], n_fixed)
-            out[j] = logp.gather(-1, z_next[j][:, n_fixed:, None]).squeeze(-1).sum(-1)
-    return out.view(N, T).sum(1)
+def active_transitions(graph: Graph, paths: Tensor) -> Tensor:
+    """[N, S] bool: the transitions of paths [N, S+1, L] whose probability depends on theta. Masked graph:
+    only those where some position is unmasked (how many stay masked or are re-masked is model-free)."""
+    if not isinstance(graph, Masked):
+        return torch.ones(paths.shape[0], paths.shape[1] - 1, dtype=torch.bool, device=paths.device)
+    return ((paths[:, :-1] == graph.mask_id) & (paths[:, 1:] != graph.mask_id)).any(-1)
+
+
+def path_log_prob(model, graph: Graph, noise, paths: Tensor, n_fixed: int = 0, chunk_size: int = 1024,
+                  corrector_steps: int = 0, select: Optional[Tensor] = None) -> Tensor:
+    """log P_theta(z_1..z_S | z_0) = sum_k log P_theta(z_{k+1} | z_k) along paths [N, S+1, L] on
+    sampler_schedule(T, corrector_steps)  [N], up to the prior term log p(z_0), which is the same for
+    every model (math §5). Masked predictor steps where nothing is unmasked are model-free and are
+    computed in closed form, without the model. select [N, S] restricts the sum to some transitions.
+    Gradients flow unless the caller disables them."""
+    N, S1, L = paths.shape
+    c = corrector_steps
+    t_all, a_all, corr = sampler_schedule((S1 - 1 + c) // (1 + c), c, paths.device)
+    if len(corr) != S1 - 1:
+        raise ValueError(f"paths have {S1 - 1} transitions, not a sampler schedule with {c} corrector steps")
+    z, y = paths[:, :-1].reshape(-1, L), paths[:, 1:].reshape(-1, L)
+    k = torch.arange(S1 - 1, device=paths.device).repeat(N)
+    keep = torch.ones_like(k, dtype=torch.bool) if select is None else select.reshape(-1)
+    is_corr = torch.tensor(corr, device=paths.device)[k]
+    out = torch.zeros(N * (S1 - 1), device=paths.device, dtype=torch.get_default_dtype())
+    for kind in (False, True):
+        idx = (keep & (is_corr == kind)).nonzero().squeeze(1)
+        if not kind and isinstance(graph, Masked) and len(idx):
+            zi, yi = z[idx, n_fixed:], y[idx, n_fixed:]
+            lp = graph.predictor_log_probs(None, zi, noise, t_all[k[idx]], a_all[k[idx]], yi).sum(-1)
+            out = out.index_put((idx,), lp)
+            idx = idx[((zi == graph.mask_id) & (yi != graph.mask_id)).any(-1)]  # only these need the model
+        for i in range(0, len(idx), chunk_size):  # the entries at the next state only: a gather, a logsumexp
+            j = idx[i:i + chunk_size]
+            step = corrector_log_probs if kind else predictor_log_probs
+            lp = step(model, graph, noise, z[j], t_all[k[j]], a_all[k[j]], n_fixed, y[j, n_fixed:])
+            out = out.index_put((j,), lp.sum(-1))
+    return out.view(N, S1 - 1).sum(1)
 
 
 def forward_path_log_prob(graph: Graph, noise, paths: Tensor) -> Tensor:
@@ -507,12 +558,25 @@ def forward_path_log_prob(graph: Graph, noise, paths: Tensor) -> Tensor:
 
 def snis_log_ratio(logp_new: Tensor, logp_old: Tensor, logq: Tensor) -> Tensor:
     """log r_hat(x) = log sum_m wbar_m P_new(z_m, x)/P_old(z_m, x), wbar ~ P_old(z_m, x)/p_fwd(z_m | x)
-    (section 4); inputs [B, M]. Equals LSE_m(logp_new - logq) - LSE_m(logp_old - logq)."""
+    (math §5); inputs [B, M]. Equals LSE_m(logp_new - logq) - LSE_m(logp_old - logq)."""
     return torch.logsumexp(logp_new - logq, -1) - torch.logsumexp(logp_old - logq, -1)
 
 
+def select_transitions(active: Tensor, steps: Optional[int], generator=None) -> tuple[Tensor, Tensor]:
+    """(select [N, S], scale [N]): min(steps, #active) active transitions per row drawn without
+    replacement, scale = #active / #drawn, so scale * sum over the drawn ones is unbiased for the sum
+    over all active ones (math §4). steps=None keeps every active transition (scale 1)."""
+    n_active = active.sum(1)
+    if steps is None:
+        return active, torch.ones_like(n_active, dtype=torch.get_default_dtype())
+    keys = torch.rand(active.shape, device=active.device, generator=generator).masked_fill(~active, 2.0)
+    rank = keys.argsort(1).argsort(1)
+    drawn = n_active.clamp(max=steps)
+    return rank < drawn[:, None], n_active / drawn.clamp(min=1).to(torch.get_default_dtype())
+
+
 def grpo_advantages(reward: Tensor, group_size: int) -> Tensor:
-    """A = (R - mean_group) / (std_group + 1e-8) (section 5). Population std: a zero-spread group
+    """A = (R - mean_group) / (std_group + 1e-8) (math §6). Population std: a zero-spread group
     (or a group of one) gets A = 0, not NaN."""
     if reward.numel() == 0:
         return reward
@@ -522,7 +586,7 @@ def grpo_advantages(reward: Tensor, group_size: int) -> Tensor:
 
 def ppo_advantages(reward: Tensor, baseline: Optional[float | Tensor] = None, normalize: bool = False) -> Tensor:
     """A = R - b, b = batch mean unless given (a running mean, or a per-sample prompt value, say);
-    optionally A / std (section 5)."""
+    optionally A / std (math §6)."""
     if reward.numel() == 0:
         return reward
     adv = reward - (reward.mean() if baseline is None else baseline)
@@ -531,32 +595,35 @@ def ppo_advantages(reward: Tensor, baseline: Optional[float | Tensor] = None, no
     return adv
 
 
-def clipped_surrogate(psi: Tensor, log_ratio: Tensor, adv: Tensor, clip_eps: float = 0.2
-                      ) -> tuple[Tensor, Tensor]:
-    """Per-sample PPO clipping (paper Eq. 9, section 5) as a loss whose gradient is -grad l_A:
-        L = -mean_b 1[active_b] A_b r_b psi_b,  grad psi_b = grad log pi_theta(x_b),
-    r_b detached; inactive where the min picks the clipped branch (A > 0, r > 1 + eps or
-    A < 0, r < 1 - eps). Returns (loss, fraction clipped)."""
-    if psi.numel() == 0:
-        return psi.sum(), psi.new_zeros(())
+def clip_coefficients(log_ratio: Tensor, adv: Tensor, clip_eps: float = 0.2) -> tuple[Tensor, Tensor]:
+    """(coef_b = 1[active_b] A_b r_b, clipped_b), detached: the gradient of the per-sample clipped
+    objective (paper Eq. (9), math §6) is mean_b coef_b grad log pi_theta(x_b). Inactive where the min
+    picks the clipped branch (A > 0, r > 1 + eps or A < 0, r < 1 - eps)."""
     ratio = log_ratio.detach().exp()
     clipped = ((adv > 0) & (ratio > 1 + clip_eps)) | ((adv < 0) & (ratio < 1 - clip_eps))
-    loss = -(torch.where(clipped, 0.0, adv * ratio) * psi).mean()
-    return loss, clipped.to(psi.dtype).mean()
+    return torch.where(clipped, 0.0, adv * ratio).detach(), clipped
+
+
+def clipped_surrogate(psi: Tensor, log_ratio: Tensor, adv: Tensor, clip_eps: float = 0.2
+                      ) -> tuple[Tensor, Tensor]:
+    """L = -mean_b coef_b psi_b, whose gradient is -grad l_A when grad psi_b = grad log pi_theta(x_b)
+    (paper Eq. (9), math §6). Returns (loss, fraction clipped)."""
+    if psi.numel() == 0:
+        return psi.sum(), psi.new_zeros(())
+    coef, clipped = clip_coefficients(log_ratio, adv, clip_eps)
+    return -(coef * psi).mean(), clipped.to(psi.dtype).mean()
 
 
 def path_kl(model, ref_model, graph: Graph, noise, states: Tensor, steps: int, n_fixed: int = 0,
             chunk_size: int = 1024) -> Tensor:
     """Path KL between the fine-tuned and reference reverse chains over the last k steps [B]
-    (section 6): sum_k sum_l KL(P_theta(. | z_k) || P_ref(. | z_k)) at the rollout states
+    (math §7): sum_k sum_l KL(P_theta(. | z_k) || P_ref(. | z_k)) at the rollout states
     states [B, k, L] (detached), with the gradient through P_theta only."""
     B, k, L = states.shape
     if B * k == 0:
         return states.new_zeros(B, dtype=torch.get_default_dtype())
-    ts = time_grid(steps, states.device)[-k - 1:]
-    z = states.flatten(0, 1)
+    ts, z, kl = time_grid(steps, states.device)[-k - 1:], states.flatten(0, 1), []
     t, s = ts[:-1].repeat(B), ts[1:].repeat(B)
-    kl = []
     for i in range(0, B * k, chunk_size):
         j = slice(i, i + chunk_size)
         logp = predictor_log_probs(model, graph, noise, z[j], t[j], s[j], n_fixed)
@@ -579,15 +646,12 @@ def check_reward(reward, batch: int) -> Tensor:
     return reward.to(torch.get_default_dtype())
 
 
-# ---------------------------------------------------------------------------
-# 6. The trainer: Algorithm 1 (sample from pi_old, reward, advantages, K epochs of the
-#    clipped objective with SNIS ratios, KL to the reference, update old).
-# ---------------------------------------------------------------------------
+# === 6. The trainer: Algorithm 1 (roll out pi_old, reward, advantages, K clipped epochs, KL). ====
 
 
 @dataclass
 class SEPOConfig:
-    """Defaults are the paper's DNA settings (SEPO_MATH section 10)."""
+    """Defaults are the paper's DNA settings (math §10); grad="pl", ratio="snis" is the paper's SEPO."""
 
     lr: float = 1e-4
     batch_size: int = 8          # groups (prompts) per iteration
@@ -596,29 +660,35 @@ class SEPOConfig:
     clip_eps: float = 0.2        # eps of the clipped objective
     kl_coef: float = 0.05        # alpha
     kl_steps: int = 10           # path KL over the last kl_steps sampler steps
-    snis_samples: int = 4        # M latent paths per sample for the importance ratio
+    snis_samples: int = 4        # M latent paths per sample (SNIS ratio, grad="path")
     steps: int = 128             # T sampler steps
     corrector_steps: int = 0     # gradient-flow corrector steps after each predictor step
     advantage: str = "grpo"      # "grpo" (group-normalised) or "ppo" (R - baseline)
     baseline: str = "batch"      # ppo baseline: "batch" mean, "running" mean, or "group" (prompt) mean
     baseline_momentum: float = 0.9
     normalize_adv: bool = False  # ppo: divide A by its batch std
-    pl_positions: int = 16       # masked graph: positions per sample in grad log pi (section 3)
-    t_eval: Optional[float] = None  # time of the score pass in grad log pi; None = 1 / steps
+    grad: str = "pl"             # grad log pi: "pl" pseudo-likelihood (T2, the paper's), "path" posterior
+    #                              over M forward paths, "rollout" the rollout's own path (math §4)
+    ratio: str = "snis"          # pi_new / pi_old: "snis" over M forward paths (paper), "rollout" path
+    path_steps: Optional[int] = None  # grad "path"/"rollout": transitions with gradient per path (None: all)
+    pl_positions: int = 16       # grad "pl", masked graph: positions per sample
+    t_eval: Optional[float] = None  # grad "pl": time of the score pass; None = 1 / steps
     max_grad_norm: float = 1.0
     kl_reference: str = "pretrained"  # or "previous": the policy at the start of each iteration
     chunk_size: int = 1024       # sequences per batched no-grad forward pass
+    micro_batch: Optional[int] = None  # samples per gradient pass (None: all); the update does not change
+    amp: str = "none"            # "bf16": autocast the rollout and gradient passes; ratios stay fp32
     seed: int = 0
 
     def __post_init__(self):
-        if self.advantage not in ("grpo", "ppo"):
-            raise ValueError(f"advantage must be 'grpo' or 'ppo', got {self.advantage!r}")
-        if self.baseline not in ("batch", "running", "group"):
-            raise ValueError(f"baseline must be 'batch', 'running' or 'group', got {self.baseline!r}")
-        if self.kl_reference not in ("pretrained", "previous"):
-            raise ValueError(f"kl_reference must be 'pretrained' or 'previous', got {self.kl_reference!r}")
-        for name in ("batch_size", "group_size", "epochs", "snis_samples", "steps", "pl_positions", "chunk_size"):
-            if getattr(self, name) < 1:
+        for name, allowed in (("advantage", ("grpo", "ppo")), ("baseline", ("batch", "running", "group")),
+                              ("kl_reference", ("pretrained", "previous")), ("grad", ("pl", "path", "rollout")),
+                              ("ratio", ("snis", "rollout")), ("amp", ("none", "bf16"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("batch_size", "group_size", "epochs", "snis_samples", "steps", "pl_positions", "chunk_size",
+                     "micro_batch", "path_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.kl_steps <= self.steps:
             raise ValueError(f"kl_steps must be in [0, steps={self.steps}], got {self.kl_steps}")
@@ -629,7 +699,9 @@ class SEPO:
 
     reward_fn(x [B, L]) -> [B] is a black box (never differentiated). prompt_fn(num_prompts,
     generator) -> [num_prompts, Lp], optional, gives fixed prefixes; each is shared by the
-    group_size samples of one group and is part of the sequences passed to reward_fn.
+    group_size samples of one group and is part of the sequences passed to reward_fn. The KL
+    reference is a private copy of ref_model (default: of model), so the caller's model is never
+    changed; `model` itself is trained in place.
     """
 
     def __init__(self, model: nn.Module, graph: Graph, noise, reward_fn: Callable[[Tensor], Tensor],
@@ -638,13 +710,12 @@ class SEPO:
         self.cfg = cfg = cfg or SEPOConfig()
         self.model, self.graph, self.noise = model.eval(), graph, noise  # eval: no dropout, so r = 1 at epoch 0
         self.reward_fn, self.length, self.prompt_fn = reward_fn, length, prompt_fn
-        self.ref_model = (ref_model if ref_model is not None else copy.deepcopy(model)).eval().requires_grad_(False)
+        self.ref_model = copy.deepcopy(ref_model if ref_model is not None else model).eval().requires_grad_(False)
         self.opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         self.device = _device(model)
         self.gen = torch.Generator(self.device).manual_seed(cfg.seed)
         self.prompt_gen = torch.Generator().manual_seed(cfg.seed)
-        self.iteration = 0
-        self.running_baseline: Optional[float] = None
+        self.iteration, self.running_baseline = 0, None  # running_baseline: ppo "running" mean
 
     def _advantages(self, reward: Tensor) -> Tensor:
         cfg = self.cfg
@@ -659,6 +730,20 @@ class SEPO:
             self.running_baseline = m * baseline + (1 - m) * mean
         return ppo_advantages(reward, baseline, cfg.normalize_adv)
 
+    def _prefix(self) -> Optional[Tensor]:
+        if self.prompt_fn is None:
+            return None
+        cfg = self.cfg
+        prompts = torch.as_tensor(self.prompt_fn(cfg.batch_size, self.prompt_gen)).long().to(self.device)
+        if prompts.dim() != 2 or prompts.shape[0] != cfg.batch_size:
+            raise ValueError(f"prompt_fn returned {tuple(prompts.shape)}, expected [{cfg.batch_size}, Lp]")
+        return prompts.repeat_interleave(cfg.group_size, 0)
+
+    def _autocast(self, on: bool = True):
+        if on and self.cfg.amp == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def step(self) -> dict:
         """One iteration of Algorithm 1; returns its statistics."""
         cfg, model, graph, noise = self.cfg, self.model, self.graph, self.noise
@@ -667,80 +752,99 @@ class SEPO:
         if cfg.kl_reference == "previous":
             self.ref_model.load_state_dict(model.state_dict())
 
-        # 1. Roll out pi_old (the current weights) and score the samples.
-        prefix = None
-        if self.prompt_fn is not None:
-            prompts = torch.as_tensor(self.prompt_fn(cfg.batch_size, self.prompt_gen)).long().to(self.device)
-            if prompts.dim() != 2 or prompts.shape[0] != cfg.batch_size:
-                raise ValueError(f"prompt_fn returned {tuple(prompts.shape)}, expected [{cfg.batch_size}, Lp]")
-            prefix = prompts.repeat_interleave(cfg.group_size, 0)
+        # 1. Roll out pi_old (the current weights) and score the samples. The rollout ratio compares
+        #    fp32 passes with the rollout's own log-probability, so that rollout stays in fp32.
+        prefix = self._prefix()
         n_fixed = 0 if prefix is None else prefix.shape[1]
-        x, states = rollout(model, graph, noise, B, self.length, cfg.steps, cfg.corrector_steps,
-                            prefix, self.gen, keep_last=cfg.kl_steps)
+        with self._autocast(cfg.ratio != "rollout"):
+            roll = rollout(model, graph, noise, B, self.length, cfg.steps, cfg.corrector_steps, prefix, self.gen,
+                           keep_last=cfg.kl_steps, record="rollout" in (cfg.grad, cfg.ratio))
+        x = roll.x
         reward = check_reward(self.reward_fn(x), B).to(self.device)
         adv = self._advantages(reward)
         t_sample = time.perf_counter() - tic
 
-        # 2. Latent paths for the SNIS ratio (section 4), shared by old and new (common random
-        #    numbers). Only epochs after the first need a ratio.
-        if cfg.epochs > 1:
+        # 2. M latent paths from the forward process (math §5), shared by old and new (common random
+        #    numbers): for the SNIS ratio of the epochs after the first, and for grad="path".
+        paths = logq = logp_old = None
+        if cfg.grad == "path" or (cfg.ratio == "snis" and cfg.epochs > 1):
             sigmabars = noise(time_grid(cfg.steps, self.device))[0]
             paths = graph.sample_path(x.repeat_interleave(M, 0), sigmabars, n_fixed, self.gen)
             logq = forward_path_log_prob(graph, noise, paths).view(B, M)
-            logp_old = path_log_prob(model, graph, noise, paths, n_fixed, cfg.chunk_size).view(B, M)
-        t_eval = cfg.t_eval if cfg.t_eval is not None else 1.0 / cfg.steps
+            with torch.no_grad():
+                logp_old = path_log_prob(model, graph, noise, paths, n_fixed, cfg.chunk_size).view(B, M)
 
-        # 3. K epochs of the clipped objective.
+        # 3. K epochs of the clipped objective, back-propagated micro-batch by micro-batch: the
+        #    per-sample coefficients are known before any gradient pass, so the update is the same.
         for epoch in range(cfg.epochs):
-            if epoch == 0:
-                log_ratio = torch.zeros_like(reward)  # theta == theta_old: r = 1 exactly
-            else:
-                logp_new = path_log_prob(model, graph, noise, paths, n_fixed, cfg.chunk_size).view(B, M)
-                log_ratio = snis_log_ratio(logp_new, logp_old, logq)
-            psi = log_pi_surrogate(model, graph, noise, x, t_eval, n_fixed, cfg.pl_positions, self.gen)
-            pg_loss, clip_frac = clipped_surrogate(psi, log_ratio, adv, cfg.clip_eps)
-            kl = path_kl(model, self.ref_model, graph, noise, states, cfg.steps, n_fixed, cfg.chunk_size)
-            loss = pg_loss + cfg.kl_coef * kl.mean()
+            logp, log_ratio = logp_old, torch.zeros_like(reward)  # epoch 0: theta == theta_old, r = 1
+            with torch.no_grad():
+                if epoch > 0 and paths is not None:
+                    logp = path_log_prob(model, graph, noise, paths, n_fixed, cfg.chunk_size).view(B, M)
+                if epoch > 0 and cfg.ratio == "snis":
+                    log_ratio = snis_log_ratio(logp, logp_old, logq)
+                elif epoch > 0:
+                    log_ratio = path_log_prob(model, graph, noise, roll.path, n_fixed, cfg.chunk_size,
+                                              cfg.corrector_steps) - roll.log_prob
+            coef, clipped = clip_coefficients(log_ratio, adv, cfg.clip_eps)
+            psi_fn = self._surrogate(x, roll, paths, logp, logq, n_fixed)
             self.opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss, kls = 0.0, []
+            for i in range(0, B, cfg.micro_batch or B):
+                j = slice(i, i + (cfg.micro_batch or B))
+                with self._autocast():
+                    psi = psi_fn(j)
+                    kl = path_kl(model, self.ref_model, graph, noise, roll.states[j], cfg.steps, n_fixed,
+                                 cfg.chunk_size)
+                part = (cfg.kl_coef * kl.sum() - (coef[j] * psi).sum()) / B
+                part.backward()
+                loss, kls = loss + part.item(), kls + [kl.detach()]
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             self.opt.step()
 
         self.iteration += 1
-        ratio = log_ratio.exp()
-        return {
-            "iteration": self.iteration,
-            "reward_mean": reward.mean().item(),
-            "reward_std": reward.std(unbiased=False).item(),
-            "kl": kl.mean().item(),
-            "clip_frac": clip_frac.item(),
-            "loss": loss.item(),
-            "ratio_mean": ratio.mean().item(),
-            "ratio_max": ratio.max().item(),
-            "ratio_min": ratio.min().item(),
-            "grad_norm": float(grad_norm),
-            "time_sample": t_sample,
-            "time": time.perf_counter() - tic,
-        }
+        ratio, kl = log_ratio.exp(), torch.cat(kls)
+        return {"iteration": self.iteration, "reward_mean": reward.mean().item(),
+                "reward_std": reward.std(unbiased=False).item(), "kl": kl.mean().item(),
+                "clip_frac": clipped.float().mean().item(), "loss": loss, "ratio_mean": ratio.mean().item(),
+                "ratio_max": ratio.max().item(), "ratio_min": ratio.min().item(), "grad_norm": float(grad_norm),
+                "time_sample": t_sample, "time": time.perf_counter() - tic}
+
+    def _surrogate(self, x: Tensor, roll: Rollout, paths, logp, logq, n_fixed: int) -> Callable[[slice], Tensor]:
+        """psi restricted to a slice of the batch, grad psi_b estimating grad log pi_theta(x_b) (math §3-4).
+        Its random draws are made here, for the whole batch, so the micro-batching cannot change them."""
+        cfg, model, graph, noise = self.cfg, self.model, self.graph, self.noise
+        if cfg.grad == "pl":
+            t_eval = cfg.t_eval if cfg.t_eval is not None else 1.0 / cfg.steps
+            pos = (pl_positions(len(x), x.shape[1] - n_fixed, cfg.pl_positions, n_fixed, self.gen, x.device)
+                   if isinstance(graph, Masked) else None)
+            return lambda j: log_pi_surrogate(model, graph, noise, x[j], t_eval, n_fixed, cfg.pl_positions,
+                                              pos=None if pos is None else pos[j])
+        # Fisher's identity: grad log pi(x) = E_{z ~ P_theta(z | x)} grad log P_theta(z, x). "path": the
+        # self-normalised posterior weights of the M forward paths; "rollout": the rollout's own path,
+        # an exact posterior draw under theta_old. Model-free transitions carry no gradient: skipped.
+        z, c = (paths, 0) if cfg.grad == "path" else (roll.path, cfg.corrector_steps)
+        select, scale = select_transitions(active_transitions(graph, z), cfg.path_steps, self.gen)
+        k = cfg.snis_samples if cfg.grad == "path" else 1
+        w = torch.softmax(logp - logq, -1) if cfg.grad == "path" else torch.ones(len(x), 1, device=x.device)
+
+        def psi(j: slice) -> Tensor:
+            rows = slice(j.start * k, min(j.stop, len(x)) * k)
+            lp = path_log_prob(model, graph, noise, z[rows], n_fixed, cfg.chunk_size, c, select[rows])
+            return (w[j] * (scale[rows] * lp).view(-1, k)).sum(1)
+        return psi
 
     def state_dict(self) -> dict:
         """Everything needed to resume exactly: weights, reference, optimizer, RNG streams."""
-        return {
-            "model": self.model.state_dict(),
-            "ref_model": self.ref_model.state_dict(),
-            "optimizer": self.opt.state_dict(),
-            "iteration": self.iteration,
-            "running_baseline": self.running_baseline,
-            "gen": self.gen.get_state(),
-            "prompt_gen": self.prompt_gen.get_state(),
-            "cfg": asdict(self.cfg),
-        }
+        return {"model": self.model.state_dict(), "ref_model": self.ref_model.state_dict(),
+                "optimizer": self.opt.state_dict(), "iteration": self.iteration,
+                "running_baseline": self.running_baseline, "gen": self.gen.get_state(),
+                "prompt_gen": self.prompt_gen.get_state(), "cfg": asdict(self.cfg)}
 
     def load_state_dict(self, sd: dict) -> None:
         self.model.load_state_dict(sd["model"])
         self.ref_model.load_state_dict(sd["ref_model"])
         self.opt.load_state_dict(sd["optimizer"])
-        self.iteration = sd["iteration"]
-        self.running_baseline = sd["running_baseline"]
+        self.iteration, self.running_baseline = sd["iteration"], sd["running_baseline"]
         self.gen.set_state(sd["gen"])
         self.prompt_gen.set_state(sd["prompt_gen"])

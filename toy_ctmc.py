@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import math
 import os
 import sys
 import time
@@ -28,6 +27,16 @@ T_SCORE = 0.3  # time at which the gradient identities are checked
 def all_states(V: int, length: int) -> Tensor:
     """Every sequence of V^length, in lexicographic order [V^length, length]."""
     return torch.tensor(list(itertools.product(range(V), repeat=length)), dtype=torch.long)
+
+
+def generator(graph: sepo.Graph, dtype: torch.dtype = torch.float64) -> Tensor:
+    """The dense per-token generator Q [V, V] of a graph (math §1); sepo itself never builds it."""
+    n, V = graph.n, graph.vocab_size
+    if isinstance(graph, sepo.Masked):  # Q(v -> MASK) = 1, Q(v -> v) = -1, MASK absorbing
+        Q = torch.zeros(V, V, dtype=dtype)
+        Q[:n, n] = 1.0
+        return Q - torch.diag(torch.cat([torch.ones(n, dtype=dtype), torch.zeros(1, dtype=dtype)]))
+    return torch.full((n, n), 1.0 / n, dtype=dtype) - torch.eye(n, dtype=dtype)  # uniform jumps
 
 
 class ExactModel(nn.Module):
@@ -154,7 +163,7 @@ def check_forward() -> list:
         err, lerr = 0.0, 0.0
         for sb in (0.05, 0.7, 3.0):
             sigmabar = torch.tensor([sb])
-            exact = torch.matrix_exp(sb * graph.generator())
+            exact = torch.matrix_exp(sb * generator(graph))
             err = max(err, (graph.transition(tokens, sigmabar)[0] - exact).abs().max().item())
             x, y = torch.cartesian_prod(torch.arange(V), torch.arange(V)).t()
             lp = graph.transition_log_prob(x[None], y[None], sigmabar)[0].exp()
@@ -264,9 +273,7 @@ def check_snis(results: dict, reps: int = 100) -> list:
     Ms = (1, 2, 4, 8, 32, 128)
     steps = 8
     for name in ("masked", "uniform"):
-        graph, noise, old = setup(name, seed=5)
-        shift = 0.4 * torch.randn(N ** L, generator=torch.Generator().manual_seed(6))
-        new = ExactModel(graph, old.theta.detach() + shift)
+        graph, noise, old, new = _ratio_models(name)
         S = all_states(N, L)[:: 3]  # three of the nine states keep this under a few seconds
         with torch.no_grad():
             exact = (clean_part(sampler_law(new, graph, noise, steps), graph).log()
@@ -294,6 +301,53 @@ def check_snis(results: dict, reps: int = 100) -> list:
                      f"< RMSE(1)/{factor}", ok))
         rows.append((f"5 SNIS ratio |bias| max over x, M=1 -> 128 ({name}): {bias[0]:.3f} ->", bias[-1],
                      "< bias(M=1)", bias[-1] < bias[0]))
+    return rows
+
+
+def _ratio_models(name: str):
+    """The old and new tabular models of the ratio checks (the same for SNIS and the rollout ratio)."""
+    graph, noise, old = setup(name, seed=5)
+    shift = 0.4 * torch.randn(N ** L, generator=torch.Generator().manual_seed(6))
+    return graph, noise, old, ExactModel(graph, old.theta.detach() + shift)
+
+
+def check_rollout_ratio(results: dict, rollouts: int = 60_000, steps: int = 8) -> list:
+    """The rollout-path ratio P_new(z, x)/P_old(z, x) along the old chain's own paths (math §5) against
+    the exact ratio of the sampler laws, without and with one corrector step per predictor step (the
+    path then holds the corrector's transitions too). It is unbiased for every x, so the RMSE of the
+    mean of R paths falls like 1/sqrt(R); on check_snis's states it sits next to SNIS with M = R paths
+    (SNIS costs two path passes per path, old and new; the rollout ratio one). SNIS's paths are the
+    predictor's only: with a corrector it converges to the predictor chain's ratio, whose distance to
+    the exact one is reported."""
+    rows, Ms = [], (1, 2, 4, 8, 32, 128)
+    for name in ("masked", "uniform"):
+        graph, noise, old, new = _ratio_models(name)
+        laws = {}
+        for c in (0, 1):
+            with torch.no_grad():
+                laws[c] = [clean_part(sampler_law(m, graph, noise, steps, c), graph) for m in (new, old)]
+                exact = laws[c][0] / laws[c][1]
+                roll = sepo.rollout(old, graph, noise, rollouts, L, steps, c,
+                                    generator=torch.Generator().manual_seed(8 + c), record=True)
+                rho = (sepo.path_log_prob(new, graph, noise, roll.path, chunk_size=1 << 20, corrector_steps=c)
+                       - roll.log_prob).exp()
+            idx = (roll.x * N ** torch.arange(L - 1, -1, -1)).sum(1)
+            per_x = [rho[idx == i] for i in range(N ** L)]
+            z = max(((r.mean() - exact[i]) / (r.std() / len(r) ** 0.5)).abs().item() for i, r in enumerate(per_x))
+            rmse = [torch.cat([(per_x[i][: len(per_x[i]) // m * m].view(-1, m).mean(1) - exact[i])
+                               for i in range(0, N ** L, 3)]).pow(2).mean().sqrt().item() for m in Ms]
+            results[f"rollout_{name}_{c}"] = (Ms, rmse)
+            label = f"({name}, {'with' if c else 'no'} corrector)"
+            rows.append((f"5 rollout ratio RMSE, mean of R = 1 -> 128 paths {label}: {rmse[0]:.3f} ->", rmse[-1],
+                         "< RMSE(1)/4", rmse[-1] < rmse[0] / 4))
+            rows.append((f"5 rollout ratio max_x |mean - r(x)| / SE, {rollouts} rollouts {label}", z, "< 4", z < 4))
+        snis = results.get(f"snis_{name}", (None, [float("nan")] * 6))[1]
+        rmse0 = results[f"rollout_{name}_0"][1]
+        rows.append((f"5 RMSE: rollout 1 path (cost 1) {rmse0[0]:.3f}, 2 paths {rmse0[1]:.3f} (cost 2) vs SNIS M=1 "
+                     f"(cost 2) ({name})", snis[0], "report", True))
+        snis_limit = (laws[0][0] / laws[0][1] - laws[1][0] / laws[1][1]).abs().max().item()
+        rows.append((f"5 SNIS (predictor paths) at M -> inf vs the exact ratio with a corrector ({name})",
+                     snis_limit, "report", True))
     return rows
 
 
@@ -368,45 +422,90 @@ class TinyNet(nn.Module):
         return self.net(h).view(x.shape[0], L, self.out)
 
 
-def _gradient_cosine(model, graph, noise, steps: int) -> float:
-    """cos(SEPO gradient, exact gradient of E_{pi_theta}[R]), both as exact expectations over x."""
+def pretrained_net(graph, noise, p0: Tensor) -> TinyNet:
+    """A TinyNet pre-trained on samples of p_0 with sepo.pretrain_loss."""
+    torch.manual_seed(0)
+    net = TinyNet(graph)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    S = all_states(N, L)
+    gen = torch.Generator().manual_seed(12)
+    for _ in range(300):
+        x0 = S[torch.multinomial(p0, 256, replacement=True, generator=gen)]
+        loss = sepo.pretrain_loss(net, graph, noise, x0, generator=gen)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net
+
+
+def _flat(grads) -> Tensor:
+    return torch.cat([g.flatten() for g in grads])
+
+
+def _cos(a: Tensor, b: Tensor) -> float:
+    return (a @ b / (a.norm() * b.norm())).item()
+
+
+def _estimator_gradients(model, graph, noise, steps: int, Ms: tuple, paths_per_state: int, rollouts: int) -> dict:
+    """The exact gradient of E_{pi_theta}[R] (autograd through the exact sampler law) and the expectation,
+    exact over x, of each grad log pi estimator times the advantage (math §3-4):
+      pl:        grad psi of sepo.log_pi_surrogate (T2), one pass per x;
+      path M:    sum_m wbar_m grad log P(z_m, x), z_m from the forward process, averaged over
+                 paths_per_state / M independent draws of M paths (its bias shrinks with M);
+      rollout:   grad log P(z, x) along rollout paths z ~ P(z | x) (grouped by x), an exact posterior draw."""
     S = all_states(N, L)
     R = torch.arange(N ** L, dtype=torch.get_default_dtype()) / N ** L
     params = list(model.parameters())
     pi = clean_part(sampler_law(model, graph, noise, steps), graph)
-    exact = torch.autograd.grad((pi * R).sum(), params)
+    out = {"exact": _flat(torch.autograd.grad((pi * R).sum(), params))}
     pi = pi.detach()
+    adv = pi * (R - (pi * R).sum())  # the exact expectation over x of A(x) * (...)
     psi = sepo.log_pi_surrogate(model, graph, noise, S, 1.0 / steps, positions=L)
-    est = torch.autograd.grad((pi * (R - (pi * R).sum()) * psi).sum(), params)
-    a, b = (torch.cat([g.flatten() for g in gs]) for gs in (exact, est))
-    return (a @ b / (a.norm() * b.norm())).item()
+    out["pl"] = _flat(torch.autograd.grad((adv * psi).sum(), params))
+    gen = torch.Generator().manual_seed(13)
+    sigmabars = noise(sepo.time_grid(steps))[0]
+    for M in Ms:
+        reps = max(1, paths_per_state // M)
+        paths = graph.sample_path(S.repeat_interleave(reps * M, 0), sigmabars, generator=gen)
+        logq = sepo.forward_path_log_prob(graph, noise, paths).view(len(S), reps, M)
+        with torch.no_grad():
+            w = torch.softmax(sepo.path_log_prob(model, graph, noise, paths).view(len(S), reps, M) - logq, -1)
+        lp = sepo.path_log_prob(model, graph, noise, paths, chunk_size=1 << 20,
+                                select=sepo.active_transitions(graph, paths)).view(len(S), reps, M)
+        out[f"path {M}"] = _flat(torch.autograd.grad((adv[:, None, None] * w * lp).sum() / reps, params))
+    roll = sepo.rollout(model, graph, noise, rollouts, L, steps, generator=gen, record=True)
+    idx = (roll.x * N ** torch.arange(L - 1, -1, -1)).sum(1)
+    count = torch.bincount(idx, minlength=len(S)).to(pi)
+    lp = sepo.path_log_prob(model, graph, noise, roll.path, chunk_size=1 << 20,
+                            select=sepo.active_transitions(graph, roll.path))
+    out["rollout"] = _flat(torch.autograd.grad((adv[idx] / count[idx] * lp).sum(), params))
+    return out
 
 
-def check_neural(results: dict, steps: int = 16) -> list:
-    """The SEPO gradient against the exact gradient of the true sampler law: for the consistent
-    tabular model (only the pseudo-likelihood and discretisation gaps) and for a small neural
-    network pre-trained on p_0 (plus the ratio-assumption gap). Reported; must be an ascent direction."""
-    rows = []
-    for name in ("uniform", "masked"):
+def check_gradient_estimators(results: dict, steps: int = 16) -> list:
+    """cos(estimator, exact gradient of E_pi R) for the three grad log pi estimators, for the consistent
+    tabular model (only the pseudo-likelihood and Monte-Carlo gaps) and a small neural network
+    pre-trained on p_0 (plus the ratio-assumption gap, which only the pseudo-likelihood suffers)."""
+    rows, Ms = [], (1, 4, 16, 64)
+    for name in ("masked", "uniform"):
         graph, noise, exact = setup(name, seed=11)
-        cos_tab = _gradient_cosine(exact, graph, noise, steps)
-        torch.manual_seed(0)
-        net = TinyNet(graph)
-        opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-        S = all_states(N, L)
-        p0 = exact.log_p0().exp().detach()
-        gen = torch.Generator().manual_seed(12)
-        for _ in range(300):  # pre-train on samples of p_0
-            x0 = S[torch.multinomial(p0, 256, replacement=True, generator=gen)]
-            loss = sepo.pretrain_loss(net, graph, noise, x0, generator=gen)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        cos = _gradient_cosine(net, graph, noise, steps)
-        results[f"cos_{name}"] = (cos_tab, cos)
-        rows.append((f"7 cos(SEPO grad, exact grad of E_pi R), tabular model ({name})", cos_tab, "> 0 (report)",
-                     cos_tab > 0))
-        rows.append((f"7 cos(SEPO grad, exact grad of E_pi R), neural model ({name})", cos, "> 0 (report)", cos > 0))
+        net = pretrained_net(graph, noise, exact.log_p0().exp().detach())
+        for kind, model in (("tabular", exact), ("neural", net)):
+            g = _estimator_gradients(model, graph, noise, steps, Ms, 1024, 10_000)
+            cos = {k: _cos(v, g["exact"]) for k, v in g.items() if k != "exact"}
+            results[f"cos_{name}_{kind}"] = cos
+            path = [cos[f"path {M}"] for M in Ms]
+            rows.append((f"7 cos(pl grad, exact), {kind} ({name}): the paper's estimator", cos["pl"],
+                         "> 0 (report)", cos["pl"] > 0))
+            if kind == "tabular" or name == "masked":
+                rows.append((f"7 cos(path grad, exact), {kind} ({name}), M = 4", path[1], ">= 0.95", path[1] >= 0.95))
+            else:  # uniform neural: the forward proposal is poor, the SNIS bias shrinks with M
+                inc = all(b > a for a, b in zip(path, path[1:]))
+                rows.append((f"7 cos(path grad, exact), {kind} ({name}), M = 1, 4, 16 -> 64: "
+                             + ", ".join(f"{c:.3f}" for c in path[:-1]) + " ->", path[-1], ">= 0.8, increasing",
+                             inc and path[-1] >= 0.8))
+            rows.append((f"7 cos(rollout-path grad, exact), {kind} ({name}), 10^4 rollouts", cos["rollout"],
+                         ">= 0.95", cos["rollout"] >= 0.95))
     return rows
 
 
@@ -414,31 +513,41 @@ def plot(results: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    fig, ax = plt.subplots(1, 4, figsize=(20, 4))
     for name in ("masked", "uniform"):
         Ms, rmse, bias, std = results[f"snis_{name}"]
-        ax[0].loglog(Ms, rmse, "o-", label=f"RMSE ({name})")
-        ax[0].loglog(Ms, std, "x--", label=f"spread ({name})")
-    ax[0].set(xlabel="M (latent paths)", ylabel="error of r_hat", title="SNIS ratio estimate")
-    ax[0].legend()
+        ax[0].loglog(Ms, rmse, "o-", label=f"SNIS, M paths ({name})")
+        Ms, rmse = results[f"rollout_{name}_0"]
+        ax[0].loglog(Ms, rmse, "s--", label=f"rollout ratio, mean of R paths ({name})")
+    ax[0].set(xlabel="M or R (latent paths)", ylabel="RMSE of r_hat", title="importance ratio estimates")
+    ax[0].legend(fontsize=7)
     steps = (4, 16, 64, 256)
     for name in ("uniform", "masked"):
         for corr in (0, 1):
             ax[1].loglog(steps, results[f"tv_{name}_{corr}"], "o-" if corr else "s--",
                          label=f"{name}{' + corrector' if corr else ''}")
     ax[1].set(xlabel="sampler steps", ylabel="TV(law, p_0)", title="exact sampler law, exact scores")
-    ax[1].legend()
+    ax[1].legend(fontsize=7)
     ax[2].semilogy(results["finetune_tv"])
     ax[2].set(xlabel="iteration", ylabel="TV(q_theta, q*)", title="tabular SEPO towards q_ref exp(R/alpha)")
+    for key in ("cos_masked_neural", "cos_uniform_neural"):
+        cos = results[key]
+        Ms = [int(k.split()[1]) for k in cos if k.startswith("path")]
+        line = ax[3].semilogx(Ms, [cos[f"path {M}"] for M in Ms], "o-", label=f"path, M paths ({key[4:]})")[0]
+        ax[3].axhline(cos["pl"], ls=":", color=line.get_color(), label=f"pl ({key[4:]})")
+        ax[3].axhline(cos["rollout"], ls="--", color=line.get_color(), label=f"rollout path ({key[4:]})")
+    ax[3].set(xlabel="M", ylabel="cos(estimate, exact gradient)", title="grad log pi estimators, neural models")
+    ax[3].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def run_all(out: str | None = None) -> list:
     results: dict = {}
     rows = (check_forward() + check_sampler(results) + check_gradients() + check_clipped()
-            + check_snis(results) + check_corrector() + check_finetune(results) + check_neural(results))
+            + check_snis(results) + check_rollout_ratio(results) + check_corrector() + check_finetune(results)
+            + check_gradient_estimators(results))
     if out:
         os.makedirs(out, exist_ok=True)
         plot(results, os.path.join(out, "toy_ctmc.png"))
