@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import train_dna as T
+from data import dna as D
 
 RNG = np.random.default_rng(0)
 
@@ -38,62 +39,76 @@ def write_gosai(path, header, rows) -> str:
 
 
 def test_encode_sequences_maps_acgt_and_lowercase():
-    x = T.encode_sequences(["ACGT", "acgt"], length=4)
+    x = D.encode_sequences(["ACGT", "acgt"], length=4)
     assert x.tolist() == [[0, 1, 2, 3], [0, 1, 2, 3]]
-    assert T.decode_sequences(x) == ["ACGT", "ACGT"]
+    assert D.decode_sequences(x) == ["ACGT", "ACGT"]
 
 
 def test_encode_sequences_bad_letter_names_row_and_position():
     with pytest.raises(ValueError, match=r"row 2: invalid base 'N' at position 3"):
-        T.encode_sequences(["ACGT", "ACNT"], length=4)
+        D.encode_sequences(["ACGT", "ACNT"], length=4)
 
 
 def test_encode_sequences_wrong_length_names_row():
     with pytest.raises(ValueError, match=r"row 3: sequence has length 5, expected 4"):
-        T.encode_sequences(["ACGT", "ACGT", "ACGTA"], length=4)
+        D.encode_sequences(["ACGT", "ACGT", "ACGTA"], length=4)
 
 
 def test_load_encode_good_and_bad(tmp_path):
     good = [("chr1", 10, "HepG2", 2.5, "test", rand_seq()), ("chr3", 20, "K562", 1.0, "train", rand_seq())]
-    d = T.load_encode(write_encode(tmp_path / "ok.tsv.gz", good))
-    assert d.x.shape == (2, 200) and d.label.tolist() == [1, 2] and d.chrom.tolist() == ["chr1", "chr3"]
+    d = D.load_encode(write_encode(tmp_path / "ok.tsv.gz", good))
+    assert d.x.shape == (2, 200) and d.y.tolist() == [1, 2] and d.chrom.tolist() == ["chr1", "chr3"]
     assert d.signal.tolist() == [2.5, 1.0]
     bad_label = good + [("chr4", 1, "Liver", 1.0, "train", rand_seq())]
     with pytest.raises(ValueError, match=r"row 3: unknown cell_type 'Liver'"):
-        T.load_encode(write_encode(tmp_path / "b1.tsv.gz", bad_label))
+        D.load_encode(write_encode(tmp_path / "b1.tsv.gz", bad_label))
     bad_base = good + [("chr4", 1, "HepG2", 1.0, "train", "N" + rand_seq(199))]
     with pytest.raises(ValueError, match=r"row 3: invalid base 'N' at position 1"):
-        T.load_encode(write_encode(tmp_path / "b2.tsv.gz", bad_base))
+        D.load_encode(write_encode(tmp_path / "b2.tsv.gz", bad_base))
     short = good + [("chr4", 1, "HepG2", 1.0, "train", rand_seq(150))]
     with pytest.raises(ValueError, match=r"row 3: sequence has length 150, expected 200"):
-        T.load_encode(write_encode(tmp_path / "b3.tsv.gz", short))
+        D.load_encode(write_encode(tmp_path / "b3.tsv.gz", short))
     bad_split = good + [("chr4", 1, "HepG2", 1.0, "holdout", rand_seq())]
     with pytest.raises(ValueError, match=r"row 3: unknown split 'holdout'"):
-        T.load_encode(write_encode(tmp_path / "b4.tsv.gz", bad_split))
+        D.load_encode(write_encode(tmp_path / "b4.tsv.gz", bad_split))
 
 
 def test_vendored_file_loads_and_matches_its_provenance():
-    d = T.load_encode()
+    d = D.load_encode()
     assert len(d) == 47872 and d.x.shape == (47872, 200)
-    assert torch.bincount(d.label).tolist() == [11968] * 4  # 12k per cell type, balanced
+    assert torch.bincount(d.y).tolist() == [11968] * 4  # 12k per cell type, balanced
     assert set(np.unique(d.chrom)) >= {"chr1", "chr2", "chrX"}
 
 
 HEADER = ["seq", "hepg2", "k562", "sknsh", "chr"]
 
 
+@pytest.mark.parametrize("name", ["gosai_all.csv", "gosai_all.csv.gz"])
+def test_gosai_file_without_a_chromosome_column_gets_a_fixed_split(tmp_path, name):
+    """The DRAKES file has exactly the header seq,hepg2,k562,sknsh: ten seeded pseudo-chromosomes."""
+    rows = [(rand_seq(), RNG.normal(), RNG.normal(), RNG.normal()) for _ in range(300)]
+    path = str(tmp_path / name)
+    with (gzip.open if name.endswith(".gz") else open)(path, "wt") as f:
+        f.write("seq,hepg2,k562,sknsh\n" + "".join(",".join(map(str, r)) + "\n" for r in rows))
+    a, b = D.load_data(path), D.load_data(path)
+    assert a.kind == "gosai" and len(a) == 300 and (a.chrom == b.chrom).all()  # reproducible
+    names, counts = np.unique(a.chrom, return_counts=True)
+    assert set(names) == {f"chr{k}" for k in range(1, 11)} and counts.min() > 10  # about 30 each
+    assert set(D.oracle_chromosomes(a.chrom, "chr1", "chr2")[0]) | set(D.oracle_chromosomes(a.chrom, "chr1", "chr2")[1]) \
+        == {f"chr{k}" for k in range(3, 11)}
+
+
 def test_gosai_loader_good(tmp_path):
     rows = [(rand_seq(), 1.5, -0.2, 0.3, "chr1"), (rand_seq(), -1.0, 2.0, 0.0, "7")]
-    d = T.load_data(write_gosai(tmp_path / "g.csv", HEADER, rows))
-    assert d.kind == "gosai" and d.x.shape == (2, 200) and d.label is None
-    assert torch.allclose(d.activity, torch.tensor([[1.5, -0.2, 0.3], [-1.0, 2.0, 0.0]]))
+    d = D.load_data(write_gosai(tmp_path / "g.csv", HEADER, rows))
+    assert d.kind == "gosai" and d.x.shape == (2, 200)
+    assert torch.allclose(d.y, torch.tensor([[1.5, -0.2, 0.3], [-1.0, 2.0, 0.0]]))
     assert d.chrom.tolist() == ["chr1", "chr7"]  # bare chromosome numbers get the chr prefix
     assert d.signal.tolist() == [1.5, -1.0]      # top set ranked by HepG2 activity
 
 
 @pytest.mark.parametrize("header,rows,msg", [
     (["seq", "hepg2", "k562", "chr"], [("A" * 200, 1, 2, "chr1")], r"missing column 'sknsh'"),
-    (["seq", "hepg2", "k562", "sknsh"], [("A" * 200, 1, 2, 3)], r"missing column 'chr' or 'chrom' or 'chromosome'"),
     (HEADER, [("A" * 200, 1, 2, 3, "chr1"), ("A" * 200, "high", 2, 3, "chr1")], r"row 2: column 'hepg2' is not a number"),
     (HEADER, [("A" * 200, 1, 2, "nan", "chr1")], r"row 1: column 'sknsh' is not finite"),
     (HEADER, [("A" * 200, 1, 2, 3, "chr1"), ("A" * 200, 1, 2, "chr1")], r"row 2 has 4 fields, the header has 5"),
@@ -102,15 +117,15 @@ def test_gosai_loader_good(tmp_path):
 ])
 def test_gosai_loader_malformed(tmp_path, header, rows, msg):
     with pytest.raises(ValueError, match=msg):
-        T.load_gosai(write_gosai(tmp_path / "bad.csv", header, rows))
+        D.load_gosai(write_gosai(tmp_path / "bad.csv", header, rows))
 
 
 # ---------------------------------------------------------------------------- oracle split
 
 
 def test_oracle_split_is_chromosome_disjoint_on_the_real_data():
-    d = T.load_encode()
-    ft, ev = T.oracle_chromosomes(d.chrom, "chr1", "chr2")
+    d = D.load_encode()
+    ft, ev = D.oracle_chromosomes(d.chrom, "chr1", "chr2")
     assert not set(ft) & set(ev)
     assert set(ft) | set(ev) == set(np.unique(d.chrom)) - {"chr1", "chr2"}
     n_ft, n_ev = np.isin(d.chrom, ft).sum(), np.isin(d.chrom, ev).sum()
@@ -121,15 +136,15 @@ def test_oracle_split_is_chromosome_disjoint_on_the_real_data():
 
 def test_oracle_split_needs_two_training_chromosomes():
     with pytest.raises(ValueError, match="at least two training chromosomes"):
-        T.oracle_chromosomes(np.array(["chr1", "chr2", "chr3"]), "chr1", "chr2")
+        D.oracle_chromosomes(np.array(["chr1", "chr2", "chr3"]), "chr1", "chr2")
 
 
 # ---------------------------------------------------------------------------- metrics (hand-computed)
 
 
 def test_kmer_counts_by_hand():
-    x = T.encode_sequences(["ACGTA", "AAAAA"], length=5)
-    c = T.kmer_counts(x, 3)
+    x = D.encode_sequences(["ACGTA", "AAAAA"], length=5)
+    c = D.kmer_counts(x, 3)
     # ACG = 0*16+1*4+2 = 6, CGT = 16+8+3 = 27, GTA = 32+12+0 = 44, AAA = 0 (three times)
     expect = torch.zeros(64)
     expect[[6, 27, 44]] = 1
@@ -140,36 +155,36 @@ def test_kmer_counts_by_hand():
 def test_pearson_and_spearman_by_hand():
     a, b = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, 3.0, 2.0])
     # centred: (-1, 0, 1) . (-1, 1, 0) = 1; norms sqrt(2) each -> 0.5
-    assert T.pearson(a, b) == pytest.approx(0.5)
+    assert D.pearson(a, b) == pytest.approx(0.5)
     # ranks of (10, 20, 20, 40) are (1, 2.5, 2.5, 4); of (1, 2, 3, 4) themselves
     # centred (-1.5, 0, 0, 1.5) . (-1.5, -0.5, 0.5, 1.5) = 4.5; norms sqrt(4.5), sqrt(5)
-    assert T.spearman(torch.tensor([10.0, 20, 20, 40]), torch.tensor([1.0, 2, 3, 4])) == pytest.approx(4.5 / math.sqrt(4.5 * 5))
+    assert D.spearman(torch.tensor([10.0, 20, 20, 40]), torch.tensor([1.0, 2, 3, 4])) == pytest.approx(4.5 / math.sqrt(4.5 * 5))
 
 
 def test_motif_hits_by_hand_both_strands():
     # rows A, C, G, T; consensus "AC" scores 4, the worst window -2; the reverse-complement motif has consensus "GT"
     pwm = torch.tensor([[2.0, -1.0], [-1.0, 2.0], [-1.0, -1.0], [-1.0, -1.0]])
-    x = T.encode_sequences(["ACGT", "CCCA"], length=4)
+    x = D.encode_sequences(["ACGT", "CCCA"], length=4)
     # threshold 1 (score 4 only): ACGT has AC (forward) and GT (reverse strand); CCCA none -> 2
-    assert T.motif_hits(x, [pwm], 1.0).tolist() == [2.0]
+    assert D.motif_hits(x, [pwm], 1.0).tolist() == [2.0]
     # threshold 0.5 (score >= -2 + 0.5 * 6 = 1): forward AC=4 in ACGT, CC=1 twice in CCCA; reverse GT=4 in ACGT;
     # every other window (CG, GT fwd, CA; AC, CG, CC, CA rev) scores -2 -> 4
-    assert T.motif_hits(x, [pwm], 0.5).tolist() == [4.0]
+    assert D.motif_hits(x, [pwm], 0.5).tolist() == [4.0]
     # a window that would run past the end never counts: a 2-wide motif on a 1-base sequence
-    assert T.motif_hits(T.encode_sequences(["A"], length=1), [pwm], 0.0).tolist() == [0.0]
+    assert D.motif_hits(D.encode_sequences(["A"], length=1), [pwm], 0.0).tolist() == [0.0]
 
 
 def test_hepg2_score_and_auroc_by_hand():
     # ENCODE: log-odds = logit_HepG2 - logsumexp(other logits); HepG2 is class 1
-    assert T.hepg2_score(torch.tensor([[0.0, math.log(3.0), 0.0, 0.0]]), "encode").item() == pytest.approx(0.0, abs=1e-6)
-    assert T.hepg2_score(torch.tensor([[2.0, 0, 0, 0]]), "encode").item() == pytest.approx(-math.log(math.e ** 2 + 2))
-    assert T.hepg2_score(torch.tensor([[1.5, 9.0, 9.0]]), "gosai").item() == 1.5
+    assert D.hepg2_score(torch.tensor([[0.0, math.log(3.0), 0.0, 0.0]]), "encode").item() == pytest.approx(0.0, abs=1e-6)
+    assert D.hepg2_score(torch.tensor([[2.0, 0, 0, 0]]), "encode").item() == pytest.approx(-math.log(math.e ** 2 + 2))
+    assert D.hepg2_score(torch.tensor([[1.5, 9.0, 9.0]]), "gosai").item() == 1.5
     # AUROC: positives scored 0.9, 0.4; negatives 0.5, 0.1 -> 3 of the 4 pairs ordered right
-    assert T.auroc(torch.tensor([0.9, 0.4, 0.5, 0.1]), torch.tensor([1, 1, 0, 0])) == pytest.approx(0.75)
+    assert D.auroc(torch.tensor([0.9, 0.4, 0.5, 0.1]), torch.tensor([1, 1, 0, 0])) == pytest.approx(0.75)
 
 
 def test_jaspar_motifs_load_offline():
-    names, pwms = T.load_jaspar_pwms()
+    names, pwms = D.load_jaspar_pwms()
     assert len(pwms) > 500 and all(p.shape[0] == 4 for p in pwms)
     # log2-odds of a probability vector: 2^pwm / 4 sums to one per column
     assert torch.allclose((2 ** pwms[0] / 4).sum(0), torch.ones(pwms[0].shape[1]), atol=1e-5)
@@ -178,15 +193,12 @@ def test_jaspar_motifs_load_offline():
 # ---------------------------------------------------------------------------- the pipeline at toy size
 
 
-TOY = ["--threads", "1", "--hidden", "8", "--pretrain-steps", "4", "--pretrain-batch", "8", "--val-every", "2",
-       "--oracle-dim", "12", "--oracle-heads", "2", "--oracle-downsamples", "3", "--oracle-epochs", "1",
-       "--oracle-batch", "16", "--batch", "2", "--group", "2", "--steps", "3", "--kl-steps", "2", "--snis", "2",
-       "--pl-positions", "2", "--n-eval", "6", "--top-n", "10", "--elbo-t", "2", "--ckpt-every", "1"]
+TOY = ["--preset", "tiny", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
 def toy_data(tmp_path_factory):
-    rows = [(f"chr{c}", i, T.CELL_TYPES[i % 4], float(i), "train", rand_seq()) for c in (1, 2, 3, 4, 5, 6) for i in range(12)]
+    rows = [(f"chr{c}", i, D.CELL_TYPES[i % 4], float(i), "train", rand_seq()) for c in (1, 2, 3, 4, 5, 6) for i in range(12)]
     return write_encode(tmp_path_factory.mktemp("data") / "toy.tsv.gz", rows)
 
 
@@ -201,7 +213,7 @@ def test_pipeline_smoke_cached_and_reproducible(tmp_path, toy_data, capsys):
         for k in ("Pred-Activity", "ATAC-Acc %", "3-mer corr", "App-Log-Lik", "Reward (ft oracle)"):
             assert math.isfinite(r[k]), k
         assert 0 <= r["ATAC-Acc %"] <= 100 and r["App-Log-Lik"] < 0
-    for f in ("results.md", "results.json", "pred_activity_violin.png", "sepo_curves.png", "pretrain.pt",
+    for f in ("results.md", "results.json", "tradeoff.png", "sepo_curves.png", "pretrain.pt",
               "ft_oracle.pt", "eval_oracle.pt", "access.pt", "sepo.pt", "sepo_gf.pt", "samples_sepo.txt"):
         assert os.path.getsize(tmp_path / "a" / f) > 0, f
     assert not [f for f in os.listdir(tmp_path / "a") if ".tmp" in f]  # atomic writes leave no temp files
@@ -209,8 +221,10 @@ def test_pipeline_smoke_cached_and_reproducible(tmp_path, toy_data, capsys):
     assert len([l for l in table.splitlines() if l.startswith("| ")]) == 1 + 5 and "| SEPO with GF |" in table
     samples = (tmp_path / "a" / "samples_pre-trained.txt").read_text().split()
     assert len(samples) == 6 and all(len(s) == 200 and set(s) <= set("ACGT") for s in samples)
-    hist = json.loads((tmp_path / "a" / "results.json").read_text())["history"]["SEPO"]
-    assert [h["iteration"] for h in hist] == [1, 2]
+    saved = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert [h["iteration"] for h in saved["runs"]["SEPO"]["history"]] == [1, 2]
+    assert [p["iteration"] for p in saved["runs"]["SEPO"]["probes"]] == [1, 2]  # ckpt_every 1: a probe each
+    assert [b["N"] for b in saved["best_of_n"]] == [1, 2]
     capsys.readouterr()
     # second run: every stage comes from the cache and the numbers are identical
     again = run(tmp_path / "a", toy_data, "--iters", "2")
@@ -221,7 +235,7 @@ def test_pipeline_smoke_cached_and_reproducible(tmp_path, toy_data, capsys):
             if k != "pred":
                 assert again[name][k] == pytest.approx(v, nan_ok=True), (name, k)
     # a checkpoint made with other settings is refused, not silently reused
-    with pytest.raises(SystemExit, match="other settings"):
+    with pytest.raises(ValueError, match="other settings"):
         run(tmp_path / "a", toy_data, "--iters", "2", "--pretrain-lr", "0.1")
 
 
@@ -230,8 +244,8 @@ def test_sepo_resume_is_exact(tmp_path, toy_data):
     run(tmp_path / "r", toy_data, "--iters", "1", "--corrector-steps", "0")  # stop after one iteration ...
     resumed = run(tmp_path / "r", toy_data, "--iters", "2", "--corrector-steps", "0")  # ... and continue
     assert set(straight) == {"Pre-trained", "SEPO", "Best-of-3 (ft oracle)", "Data (chr1, HepG2)"}
-    a = json.loads((tmp_path / "s" / "results.json").read_text())["history"]["SEPO"]
-    b = json.loads((tmp_path / "r" / "results.json").read_text())["history"]["SEPO"]
+    a = json.loads((tmp_path / "s" / "results.json").read_text())["runs"]["SEPO"]["history"]
+    b = json.loads((tmp_path / "r" / "results.json").read_text())["runs"]["SEPO"]["history"]
     assert [h["reward_mean"] for h in a] == [h["reward_mean"] for h in b]
     assert [h["kl"] for h in a] == pytest.approx([h["kl"] for h in b])
     assert resumed["SEPO"]["Pred-Activity"] == pytest.approx(straight["SEPO"]["Pred-Activity"])

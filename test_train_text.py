@@ -5,16 +5,19 @@ import json
 import math
 import os
 
+import numpy as np
+
 import pytest
 import torch
 
 import train_text as T
+from data import text as D
 
 torch.set_num_threads(1)  # tiny models: threads only add overhead (and the CI box is shared)
 
 
 def hh(prompt_turns, response):
-    return T.to_hh(prompt_turns, response)
+    return D.to_hh(prompt_turns, response)
 
 
 def write_jsonl(path, lines):
@@ -38,7 +41,7 @@ GOOD = [
 def test_hh_loader_good_lines(tmp_path, name):
     path = str(tmp_path / name)
     write_jsonl(path, GOOD)
-    pairs = T.load_hh(path)
+    pairs = D.load_hh(path)
     assert len(pairs) == 2
     assert pairs[0].prompt == [("Human", "How do I bake bread?")]
     assert pairs[0].chosen == "Mix flour, water and yeast, then bake it."
@@ -47,7 +50,7 @@ def test_hh_loader_good_lines(tmp_path, name):
     assert pairs[1].prompt == [("Human", "Hi"), ("Assistant", "Hello!"), ("Human", "Thanks for the help")]
     assert pairs[1].chosen == "You are welcome, glad to help."
     # the prompt block text marks the turns and ends with the Assistant marker
-    assert T.prompt_text(pairs[1].prompt) == "[H] Hi [A] Hello! [H] Thanks for the help [A]"
+    assert D.prompt_text(pairs[1].prompt) == "[H] Hi [A] Hello! [H] Thanks for the help [A]"
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -64,66 +67,74 @@ def test_hh_loader_malformed_lines_name_the_line(tmp_path, bad, message):
     path = str(tmp_path / "bad.jsonl")
     write_jsonl(path, [GOOD[0], bad])
     with pytest.raises(ValueError) as e:
-        T.load_hh(path)
+        D.load_hh(path)
     assert f"{path}:2" in str(e.value)
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["bad.jsonl", "bad.jsonl.gz"])
+def test_a_line_that_is_not_utf8_is_an_error_naming_it(tmp_path, name):
+    path = str(tmp_path / name)
+    body = (GOOD[0] + "\n").encode() + b'{"chosen": "caf\xe9", "rejected": "x"}\n'
+    with (gzip.open if name.endswith(".gz") else open)(path, "wb") as f:
+        f.write(body)
+    with pytest.raises(ValueError, match=rf"{name}:2: not UTF-8 \(byte 0xe9 at column 16\)"):
+        D.load_hh(path)
 
 
 def test_empty_file_is_an_error(tmp_path):
     path = str(tmp_path / "empty.jsonl")
     write_jsonl(path, [""])
     with pytest.raises(ValueError, match="no preference pairs"):
-        T.load_hh(path)
+        D.load_hh(path)
 
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     texts = ["[H] hello there [A] hi, how are you?", "[H] thank you [A] you are welcome"] * 20
-    return T.train_tokenizer(texts, 300, str(tmp_path_factory.mktemp("tok") / "tokenizer.json"))
+    return D.train_tokenizer(texts, 300, str(tmp_path_factory.mktemp("tok") / "tokenizer.json"))
 
 
 def test_tokenizer_specials_and_roundtrip(tok):
     assert tok.get_vocab_size() == 300
-    assert [tok.token_to_id(s) for s in T.SPECIALS] == [T.PAD, T.HUMAN, T.ASSISTANT]
-    r = T.encode_responses(tok, ["you are welcome"], 8)
-    assert r.shape == (1, 8) and r[0, -1] == T.PAD
-    assert T.decode(tok, r) == ["you are welcome"]
+    assert [tok.token_to_id(s) for s in D.SPECIALS] == [D.PAD, D.HUMAN, D.ASSISTANT]
+    r = D.encode_responses(tok, ["you are welcome"], 8)
+    assert r.shape == (1, 8) and r[0, -1] == D.PAD
+    assert D.decode(tok, r) == ["you are welcome"]
 
 
 def test_prompts_left_padded_and_too_long_prompt_is_an_error(tok):
-    x, kept = T.encode_prompts(tok, [[("Human", "hello")]], 10)
+    x, kept = D.encode_prompts(tok, [[("Human", "hello")]], 10)
     assert x.shape == (1, 10) and kept == [0]
-    assert x[0, 0] == T.PAD and x[0, -1] == T.ASSISTANT and x[0, 1] == T.PAD
+    assert x[0, 0] == D.PAD and x[0, -1] == D.ASSISTANT and x[0, 1] == D.PAD
     long = [("Human", "hello there " * 20)]
     with pytest.raises(ValueError, match=r"data.jsonl:7: prompt is \d+ tokens, longer than the prompt block"):
-        T.encode_prompts(tok, [[("Human", "hi")], long], 10, lines=[3, 7], source="data.jsonl")
-    x, kept = T.encode_prompts(tok, [[("Human", "hi")], long], 10, long="skip")
+        D.encode_prompts(tok, [[("Human", "hi")], long], 10, lines=[3, 7], source="data.jsonl")
+    x, kept = D.encode_prompts(tok, [[("Human", "hi")], long], 10, long="skip")
     assert kept == [0] and x.shape == (1, 10)
 
 
 def test_gold_judge_is_the_documented_rule():
-    polite = T.gold_score("Thank you, I am glad to help you with that today.")
-    rude = T.gold_score("I hate this stupid question, it is terrible.")
+    polite = D.gold_score("Thank you, I am glad to help you with that today.")
+    rude = D.gold_score("I hate this stupid question, it is terrible.")
     assert polite > 0.5 > 0 > rude
-    assert T.gold_score("") == -2.0
+    assert D.gold_score("") == -2.0
     # length penalty: a bare "Yes" loses 3 * 0.15 against a neutral 4-word answer
-    assert T.gold_score("Yes") < T.gold_score("It is a computer")
-    assert T.gold_win_rate(["Thank you, glad to help."], ["I hate it."]) == 1.0
-    assert T.gold_win_rate(["ok then"], ["ok then"]) == 0.5
+    assert D.gold_score("Yes") < D.gold_score("It is a computer")
 
 
 def test_reward_model_loss_decreases_on_separable_pairs():
     torch.manual_seed(0)
     V, L, N = 20, 10, 64
     base = torch.randint(5, V, (N, L))
-    base[:, -3:] = T.PAD  # ragged right padding
+    base[:, -3:] = D.PAD  # ragged right padding
     chosen, rejected = base.clone(), base.clone()
     chosen[:, 4], rejected[:, 4] = 3, 4  # the only difference: token 3 is "good", token 4 is "bad"
     rm = T.RewardModel(V, L, d_model=32, n_layers=1, n_heads=2)
     opt = torch.optim.Adam(rm.parameters(), lr=3e-3)
     losses = []
     for _ in range(40):
-        loss = T.bt_loss(rm, chosen, rejected)
+        loss = -torch.nn.functional.logsigmoid(rm(chosen) - rm(rejected)).mean()  # Bradley-Terry
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -149,20 +160,20 @@ def test_policy_pairs_are_ordered_by_the_gold_judge(tok):
     # RLHF-style labels on model samples: same prompt on both sides, chosen >= rejected + 0.05
     args = T.parse_args(["--preset", "tiny", "--policy-pairs", "3"])
     torch.manual_seed(0)
-    graph, noise, model = T.make_diffusion(args, tok.get_vocab_size())
+    graph, noise, model = T.make_diffusion(args, tok.get_vocab_size(), "cpu")
     # a random sampler over the tokenizer's real tokens (not its [UNUSED] padding): varied responses
     real = [i for t, i in tok.get_vocab().items() if not t.startswith("[") and i < tok.get_vocab_size()]
     model.head.weight.data.normal_()
     model.head.bias.data[real] = 5.0
-    data = T.TextData(tok, None, None, [], None, None, None)
-    prompts, _ = T.encode_prompts(tok, [[("Human", "hello there")], [("Human", "thank you")]], args.prompt_len)
+    data = D.TextData(tok, None, None, [], None, None, None)
+    prompts, _ = D.encode_prompts(tok, [[("Human", "hello there")], [("Human", "thank you")]], args.prompt_len)
     chosen, rejected = T.policy_pairs(args, data, graph, noise, model.eval(), prompts, seed=0)
     assert 0 < len(chosen) <= 2 * 3 and chosen.shape == rejected.shape
     P = args.prompt_len
     assert torch.equal(chosen[:, :P], rejected[:, :P])
     assert all(any(torch.equal(c[:P], p) for p in prompts) for c in chosen)
-    g_c = [T.gold_score(t) for t in T.decode(tok, chosen[:, P:])]
-    g_r = [T.gold_score(t) for t in T.decode(tok, rejected[:, P:])]
+    g_c = [D.gold_score(t) for t in D.decode(tok, chosen[:, P:])]
+    g_r = [D.gold_score(t) for t in D.decode(tok, rejected[:, P:])]
     assert all(a >= b + 0.05 for a, b in zip(g_c, g_r))
 
 
@@ -170,11 +181,11 @@ def test_policy_pairs_are_ordered_by_the_gold_judge(tok):
 def test_prefix_tokens_unchanged_by_sampling(graph):
     import sepo
     args = T.parse_args(["--preset", "tiny", "--graph", graph])
-    g, noise, model = T.make_diffusion(args, 50)
+    g, noise, model = T.make_diffusion(args, 50, "cpu")
     model.eval()
     Lp, L = args.prompt_len, args.prompt_len + args.response_len
     prefix = torch.randint(0, 50, (6, Lp))
-    prefix[:, :3] = T.PAD
+    prefix[:, :3] = D.PAD
     x = sepo.sample(model, g, noise, 6, L, steps=5, prefix=prefix,
                     generator=torch.Generator().manual_seed(0))
     assert x.shape == (6, L)
@@ -182,44 +193,76 @@ def test_prefix_tokens_unchanged_by_sampling(graph):
     assert int(x.max()) < 50  # no MASK left in the response
 
 
-def test_help_documents_every_flag():
-    parser = T.build_parser()
-    for action in parser._actions:
-        if action.option_strings and action.dest != "help":
-            assert action.help, f"{action.option_strings} has no help"
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        T.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for f in T.dataclasses.fields(T.Config):
+        assert "--" + f.name.replace("_", "-") in text, f.name
     for preset in T.PRESETS.values():
-        assert set(preset) <= {a.dest for a in parser._actions}
+        assert set(preset) <= {f.name for f in T.dataclasses.fields(T.Config)}
+
+
+def test_presets_and_policy_pairs_with_a_real_file():
+    assert T.parse_args([]).steps == 16 and T.parse_args(["--preset", "paper"]).steps == 128
+    assert T.parse_args(["--preset", "paper", "--group", "2"]).group == 2
+    assert T.parse_args(["--data", "x.jsonl"]).policy_pairs == 0  # real labels: the judge only evaluates
+    assert T.parse_args(["--data", "x.jsonl", "--policy-pairs", "2"]).policy_pairs == 2
+
+
+def test_bootstrap_interval_over_prompts():
+    rng = np.random.default_rng(0)
+    small, large = rng.random(20), rng.random(2000)
+    lo, hi = T.bootstrap_ci(small)
+    assert lo < small.mean() < hi
+    lo2, hi2 = T.bootstrap_ci(large)
+    assert lo2 < large.mean() < hi2 and (hi2 - lo2) < (hi - lo) / 5  # ~ 1 / sqrt(number of prompts)
+    assert T.bootstrap_ci(np.full(7, 0.5)) == (0.5, 0.5)
+
+
+TINY = ["--preset", "tiny", "--threads", "1"]
 
 
 def test_pipeline_smoke_and_resume(tmp_path, capsys):
     out = str(tmp_path / "run")
-    res = T.main(["--preset", "tiny", "--out", out, "--threads", "1"])
+    res = T.main([*TINY, "--out", out])
     names = set(os.listdir(out))
-    for f in ["tokenizer.json", "pairs_chatterbot.jsonl.gz", "pretrain.pt", "reward_model.pt", "sepo_steps4.pt",
+    for f in ["tokenizer.json", "pretrain.pt", "policy_pairs_steps4.pt", "reward_model_steps4.pt", "sepo_steps4.pt",
               "curves_steps4.png", "results_steps4.md", "results_steps4.json", "examples_steps4.txt"]:
         assert f in names, f
     assert not [f for f in names if f.endswith(".tmp")]  # atomic writes leave no temp files
     rows = {r["model"]: r for r in res["rows"]}
     assert set(rows) == {"pre-trained", "SEPO (4 steps)", "chosen replies (data)"}
     for r in rows.values():
-        for k in ["rm_score", "gold_mean", "gold_win_vs_pre", "nll_per_token_pre", "distinct_1", "distinct_2"]:
+        for k in ["rm_score", "gold_mean", "gold_win", "nll_per_token", "distinct_1", "distinct_2"]:
             assert math.isfinite(r[k]), (r["model"], k)
-        assert 0 < r["rm_score"] < 1 and 0 <= r["gold_win_vs_pre"] <= 1
-    assert 0 <= res["info"]["rm_accuracy"] <= 1 and 0 <= res["info"]["rm_accuracy_samples"] <= 1
-    assert res["info"]["policy_pairs"] > 0
+        assert 0 < r["rm_score"] < 1 and r["gold_win_ci"][0] <= r["gold_win"] <= r["gold_win_ci"][1]
+    assert 0 <= res["info"]["accuracy_data"] <= 1 and 0 <= res["info"]["accuracy_samples"] <= 1
     assert res["examples"] and all(e["prompt"].endswith("[A]") for e in res["examples"])
     log = capsys.readouterr().out
     assert "[sepo] iter 2/2 reward" in log and "KL" in log and "clip" in log
     # a second run with more iterations reuses every cached stage and resumes SEPO
-    T.main(["--preset", "tiny", "--out", out, "--threads", "1", "--iters", "3"])
+    T.main([*TINY, "--out", out, "--iters", "3"])
     log = capsys.readouterr().out
-    assert "[pretrain] cached" in log and "[reward] cached" in log
+    assert "[pretrain] cached" in log and "[reward] cached" in log and "gold-labelled" not in log
     assert "[sepo] resuming" in log and "iter 3/3" in log and "iter 1/3" not in log
     # a stage made with other settings is refused, not silently reused
     with pytest.raises(ValueError, match="other settings"):
-        T.main(["--preset", "tiny", "--out", out, "--threads", "1", "--d-model", "48"])
+        T.main([*TINY, "--out", out, "--d-model", "48"])
 
 
-def test_pipeline_smoke_uniform_graph(tmp_path):
-    res = T.main(["--preset", "tiny", "--graph", "uniform", "--out", str(tmp_path / "u"), "--threads", "1"])
-    assert all(math.isfinite(r["nll_per_token_pre"]) for r in res["rows"])
+def test_pipeline_on_a_real_format_file_and_the_uniform_graph(tmp_path):
+    """--data reads an HH-RLHF file of your own (here a small .jsonl.gz); the uniform graph runs end to end."""
+    rng = np.random.default_rng(1)
+    words = ["good", "fine", "thanks", "sorry", "bad", "no", "sure", "great", "maybe", "ok"]
+    lines = []
+    for i in range(60):
+        prompt = [("Human", f"question {i} " + " ".join(rng.choice(words, 2)))]
+        a, b = (" ".join(rng.choice(words, 4)) for _ in range(2))
+        lines.append(json.dumps({"chosen": D.to_hh(prompt, a), "rejected": D.to_hh(prompt, b)}))
+    path = str(tmp_path / "hh.jsonl.gz")
+    write_jsonl(path, lines)
+    res = T.main([*TINY, "--data", path, "--graph", "uniform", "--out", str(tmp_path / "u"), "--prompt-len", "24"])
+    assert res["info"]["data"]["pairs"] == 60 and res["info"]["data"]["skipped_long_prompts"] == 0
+    assert "accuracy_samples" not in res["info"]  # a real file: no gold-labelled policy pairs
+    assert all(math.isfinite(r["nll_per_token"]) for r in res["rows"])

@@ -1,0 +1,222 @@
+"""The DNA data of train_dna.py: reading, validating and splitting a table, and the sequence statistics
+its evaluation compares (k-mer counts, JASPAR motif hits, correlations, AUROC).
+
+    python data/dna.py                    # check the vendored ENCODE DHS file, print the splits
+    python data/dna.py gosai_all.csv      # the same for a Gosai MPRA table (.csv or .csv.gz)
+
+train_dna.py reads --data with load_data(); run this first to check a file of your own: every error
+names the row (and the position, for a sequence). Two formats:
+  ENCODE (.tsv[.gz]): chrom, summit, cell_type, signal, split, sequence (the vendored file, README.md);
+  Gosai (.csv[.gz]): seq, hepg2, k562, sknsh and, optionally, chr / chrom / chromosome. The DRAKES file
+      gosai_all.csv has no chromosome column: its rows then get ten pseudo-chromosomes chr1..chr10 at
+      random (numpy seed 0, independent of --seed), so --test-chrom chr1 and --val-chrom chr2 hold out
+      a fixed, reproducible 10% each.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_DATA = os.path.join(HERE, "encode_dhs_200bp.tsv.gz")
+BASES, SEQ_LEN = "ACGT", 200
+CELL_TYPES = ("GM12878", "HepG2", "K562", "hESCT0")  # ENCODE file; the HepG2 class is the target
+GOSAI_TARGETS = ("hepg2", "k562", "sknsh")            # Gosai CSV; hepg2 is the target
+
+
+@dataclass
+class DnaData:
+    x: Tensor              # [N, 200] long, A, C, G, T = 0..3
+    chrom: np.ndarray      # [N] str
+    y: Tensor              # oracle target: ENCODE cell-type index [N]; Gosai activity (hepg2, k562, sknsh) [N, 3]
+    signal: Tensor         # [N] ranking score of the top-HepG2 set (DHS signal, or HepG2 activity)
+    kind: str              # "encode" or "gosai"
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def subset(self, mask: np.ndarray) -> "DnaData":
+        t = torch.as_tensor(np.flatnonzero(mask))
+        return DnaData(self.x[t], self.chrom[t.numpy()], self.y[t], self.signal[t], self.kind)
+
+    def hepg2(self) -> Tensor:
+        """Which rows count as HepG2 (ENCODE: HepG2 DHS; Gosai: HepG2 activity above the median)."""
+        return self.y == 1 if self.kind == "encode" else self.y[:, 0] > self.y[:, 0].median()
+
+
+_LUT = np.full(256, 255, dtype=np.uint8)
+for _i, _b in enumerate(BASES):
+    _LUT[ord(_b)] = _LUT[ord(_b.lower())] = _i
+
+
+def encode_sequences(seqs: list[str], length: int = SEQ_LEN) -> Tensor:
+    """ACGT strings (any case) -> LongTensor[N, length]; a wrong length or another letter is an error
+    naming the 1-based row and the position."""
+    for i, s in enumerate(seqs):
+        if len(s) != length:
+            raise ValueError(f"row {i + 1}: sequence has length {len(s)}, expected {length}")
+    codes = _LUT[np.frombuffer("".join(seqs).encode("latin-1", "replace"), np.uint8)].reshape(len(seqs), length)
+    bad = np.argwhere(codes == 255)
+    if len(bad):
+        i, j = bad[0]
+        raise ValueError(f"row {i + 1}: invalid base {seqs[i][j]!r} at position {j + 1} (only A, C, G, T allowed)")
+    return torch.from_numpy(codes.astype(np.int64))
+
+
+def decode_sequences(x: Tensor) -> list[str]:
+    return ["".join(BASES[v] for v in row) for row in x.tolist()]
+
+
+def _read_table(path: str, delimiter: str) -> tuple[dict, list[list[str]]]:
+    with (gzip.open if path.endswith(".gz") else open)(path, "rt", newline="") as f:
+        rows = list(csv.reader(f, delimiter=delimiter))
+    if not rows:
+        raise ValueError(f"{path}: empty file")
+    for i, r in enumerate(rows[1:], 1):
+        if len(r) != len(rows[0]):
+            raise ValueError(f"{path}: row {i} has {len(r)} fields, the header has {len(rows[0])}")
+    return {h.strip(): j for j, h in enumerate(rows[0])}, rows[1:]
+
+
+def _column(path: str, header: dict, rows: list, *names: str, number: bool = False, required: bool = True):
+    name = next((n for n in names if n in header), None)
+    if name is None and required:
+        raise ValueError(f"{path}: missing column {' or '.join(map(repr, names))} (header: {list(header)})")
+    vals = None if name is None else [r[header[name]].strip() for r in rows]
+    for i, v in enumerate(vals if number else [], 1):
+        try:
+            ok = math.isfinite(float(v))
+        except ValueError:
+            raise ValueError(f"{path}: row {i}: column {name!r} is not a number: {v!r}") from None
+        if not ok:
+            raise ValueError(f"{path}: row {i}: column {name!r} is not finite: {v!r}")
+    return torch.tensor([float(v) for v in vals]) if number else vals
+
+
+def load_encode(path: str = DEFAULT_DATA) -> DnaData:
+    """The vendored ENCODE DHS table (chrom, summit, cell_type, signal, split, sequence; tab-separated)."""
+    header, rows = _read_table(path, "\t")
+    for col, known in (("cell_type", CELL_TYPES), ("split", ("train", "validation", "test"))):
+        for i, v in enumerate(_column(path, header, rows, col), 1):
+            if v not in known:
+                raise ValueError(f"{path}: row {i}: unknown {col} {v!r} (known: {', '.join(known)})")
+    y = torch.tensor([CELL_TYPES.index(v) for v in _column(path, header, rows, "cell_type")])
+    return DnaData(encode_sequences(_column(path, header, rows, "sequence")),
+                   np.array(_column(path, header, rows, "chrom")), y,
+                   _column(path, header, rows, "signal", number=True), "encode")
+
+
+def load_gosai(path: str, split_seed: int = 0) -> DnaData:
+    """A Gosai/DRAKES MPRA CSV: seq, hepg2, k562, sknsh and, if present, a chromosome column (chr/chrom/
+    chromosome). Without one (the DRAKES file gosai_all.csv) every row gets one of ten pseudo-chromosomes
+    chr1..chr10 uniformly at random with numpy seed split_seed: a fixed, reproducible 10% test / 10%
+    validation / 80% training split that does not depend on --seed."""
+    header, rows = _read_table(path, ",")
+    y = torch.stack([_column(path, header, rows, n, number=True) for n in GOSAI_TARGETS], 1)
+    x = encode_sequences(_column(path, header, rows, "seq", "sequence"))
+    chrom = _column(path, header, rows, "chr", "chrom", "chromosome", required=False)
+    if chrom is None:
+        chrom = [f"chr{k}" for k in np.random.default_rng(split_seed).integers(1, 11, len(rows))]
+    chrom = np.array([c if c.startswith("chr") else "chr" + c for c in chrom])
+    return DnaData(x, chrom, y, y[:, 0].clone(), "gosai")
+
+
+def load_data(path: str) -> DnaData:
+    path = path or DEFAULT_DATA
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data file {path} not found")
+    return load_gosai(path) if path.endswith((".csv", ".csv.gz")) else load_encode(path)
+
+
+def oracle_chromosomes(chrom: np.ndarray, test_chrom: str, val_chrom: str) -> tuple[list[str], list[str]]:
+    """Split the training chromosomes (all but test and validation) into two disjoint halves of about
+    equal size (greedy, largest first): (fine-tuning oracle's, evaluation oracle's)."""
+    names, counts = np.unique(chrom, return_counts=True)
+    halves, sizes = ([], []), [0, 0]
+    for c, n in sorted(((c, n) for n, c in zip(names, counts) if n not in (test_chrom, val_chrom)),
+                       key=lambda t: (-t[0], t[1])):
+        k = int(sizes[1] < sizes[0])
+        halves[k].append(n)
+        sizes[k] += c
+    if not halves[0] or not halves[1]:
+        raise ValueError(f"need at least two training chromosomes besides {test_chrom} and {val_chrom}")
+    return sorted(halves[0]), sorted(halves[1])
+
+
+def hepg2_score(logits: Tensor, kind: str) -> Tensor:
+    """The oracle's HepG2 score: ENCODE, log-odds of the HepG2 class; Gosai, predicted HepG2 activity."""
+    if kind == "gosai":
+        return logits[:, 0]
+    return logits[:, 1] - torch.logsumexp(logits[:, [0, 2, 3]], 1)
+
+
+def kmer_counts(x: Tensor, k: int = 3) -> Tensor:
+    """Counts of the 4^k k-mers over all windows of all sequences [4^k] (index = base-4 number, A = 0)."""
+    if x.shape[1] < k:
+        return torch.zeros(4 ** k)
+    code = sum(x[:, i:x.shape[1] - k + 1 + i] * 4 ** (k - 1 - i) for i in range(k))
+    return torch.bincount(code.flatten(), minlength=4 ** k).float()
+
+
+def pearson(a: Tensor, b: Tensor) -> float:
+    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
+    den = (a.norm() * b.norm()).item()
+    return float((a @ b).item() / den) if den > 0 else float("nan")
+
+
+def spearman(a: Tensor, b: Tensor) -> float:
+    """Pearson correlation of the ranks (ties share their average rank)."""
+    from scipy.stats import rankdata
+    return pearson(torch.as_tensor(rankdata(a.numpy())), torch.as_tensor(rankdata(b.numpy())))
+
+
+def auroc(score: Tensor, positive: Tensor) -> float:
+    """Area under the ROC curve (Mann-Whitney U with average ranks for ties)."""
+    from scipy.stats import rankdata
+    pos = positive.bool().numpy()
+    n1, n0 = pos.sum(), (~pos).sum()
+    r = rankdata(score.numpy())
+    return float((r[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0)) if n1 and n0 else float("nan")
+
+
+def load_jaspar_pwms(release: str = "JASPAR2024") -> tuple[list[str], list[Tensor]]:
+    """Human CORE vertebrate motifs from pyjaspar's offline database as log2-odds PWMs [4, w]
+    (pseudocount 0.8 spread over the bases, uniform background)."""
+    from pyjaspar import jaspardb
+    motifs = jaspardb(release=release).fetch_motifs(collection="CORE", tax_group=["vertebrates"], species=["9606"])
+    pwms = [torch.tensor([list(m.counts[b]) for b in BASES], dtype=torch.float64) for m in motifs]
+    pwms = [torch.log2((c + 0.2) / (c.sum(0, keepdim=True) + 0.8) / 0.25).float() for c in pwms]
+    if not pwms:
+        raise RuntimeError(f"pyjaspar returned no human CORE motifs for {release}")
+    return [f"{m.matrix_id} {m.name}" for m in motifs], pwms
+
+
+def motif_hits(x: Tensor, pwms: list[Tensor], rel_threshold: float = 0.85) -> Tensor:
+    """Hits per motif, summed over sequences and both strands [num_motifs]: a window is a hit when its PWM
+    score s satisfies (s - min) / (max - min) >= rel_threshold (min, max: the motif's extreme scores)."""
+    N, L = x.shape
+    both = pwms + [p.flip(0).flip(1) for p in pwms]  # reverse complement: A<->T, C<->G is the flip of ACGT
+    wmax = max(p.shape[1] for p in pwms)
+    W = torch.stack([F.pad(p, (0, wmax - p.shape[1])) for p in both])
+    lo, hi = (torch.stack([f(p, 0).values.sum() for p in both]) for f in (torch.min, torch.max))
+    thr = (lo + rel_threshold * (hi - lo))[None, :, None] - 1e-5
+    valid = torch.arange(L)[None, :] <= L - torch.tensor([p.shape[1] for p in both])[:, None]  # window fits
+    total = sum((F.conv1d(F.pad(F.one_hot(xb, 4).float().transpose(1, 2), (0, wmax - 1)), W) >= thr)
+                .logical_and(valid).sum((0, 2)).float() for xb in x.split(256)) if N else torch.zeros(len(both))
+    return total[: len(pwms)] + total[len(pwms):]
+
+if __name__ == "__main__":
+    d = load_data(sys.argv[1] if len(sys.argv) > 1 else "")
+    names, counts = np.unique(d.chrom, return_counts=True)
+    print(f"{len(d)} sequences ({d.kind}), {len(names)} chromosomes: "
+          + ", ".join(f"{n} {c}" for n, c in zip(names, counts)))
+    print("oracle halves (test chr1, validation chr2):", *oracle_chromosomes(d.chrom, "chr1", "chr2"), sep="\n  ")

@@ -1,0 +1,250 @@
+"""The text data of train_text.py: HH-RLHF preference files, the split by prompt, the BPE tokenizer, and
+the gold judge that plays the human labeller.
+
+    python data/text.py          # (re)build data/chatterbot_hh.jsonl.gz, the default preference file
+
+The default file is built here, offline, from the English dialogues of the PyPI package chatterbot-corpus
+(BSD-3): for every dialogue turn, four pairs of its real reply against another reply of the corpus,
+labelled by the gold judge (near-ties dropped). It has the HH-RLHF format, so train_text.py reads it and a
+real HH-RLHF file (--data train.jsonl.gz) with one code path. Every error names the file and the line.
+"""
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+import random
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_PAIRS = os.path.join(HERE, "chatterbot_hh.jsonl.gz")
+SPECIALS = ["[PAD]", "[H]", "[A]"]  # pad, start of a Human turn, start of an Assistant turn
+PAD, HUMAN, ASSISTANT = 0, 1, 2
+
+# ---------------------------------------------------------------------------- the gold judge
+# A fixed, readable rule in the role of the human labeller. The policy never sees it (SEPO only sees the
+# learned reward model), so a higher gold win rate after fine-tuning means the reward model transferred.
+POLITE = ["please", "thank", "thanks", "sorry", "glad", "happy", "welcome", "appreciate",
+          "of course", "sure", "great", "kind", "love", "enjoy", "hope", "nice", "good"]
+_VADER = None
+
+
+def gold_score(response: str) -> float:
+    """compound VADER sentiment in [-1, 1] + 0.25 per politeness marker (at most 2)
+    - 0.15 per word under 4 words - 0.05 per word over 20 words. Empty text: -2."""
+    global _VADER
+    if _VADER is None:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+        _VADER = SentimentIntensityAnalyzer()
+    text = response.strip()
+    words = re.findall(r"[A-Za-z0-9']+", text)
+    if not words:
+        return -2.0
+    low = " " + " ".join(w.lower() for w in words) + " "
+    polite = sum(1 for m in POLITE if f" {m}" in low)  # prefix match: thank/thanks/thankful
+    score = _VADER.polarity_scores(text)["compound"] + 0.25 * min(polite, 2)
+    return score - 0.15 * max(0, 4 - len(words)) - 0.05 * max(0, len(words) - 20)
+
+
+# ---------------------------------------------------------------------------- HH-RLHF files
+
+
+@dataclass
+class Pair:
+    prompt: list[tuple[str, str]]  # [(role, text)], role "Human"/"Assistant"; ends with a Human turn
+    chosen: str                    # final Assistant response preferred by the labeller
+    rejected: str
+    line: int = 0                  # 1-based line in the source file (for error messages)
+
+
+_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+def split_hh(text: str, where: str = "") -> tuple[list[tuple[str, str]], str]:
+    """'\\n\\nHuman: ... \\n\\nAssistant: ...' -> (prompt turns, final Assistant response)."""
+    parts = _TURN.split(text)
+    if len(parts) < 5 or parts[-2] != "Assistant":
+        raise ValueError(f"{where}: expected '\\n\\nHuman: ...\\n\\nAssistant: ...' turns, got {text[:80]!r}")
+    if parts[0].strip():
+        raise ValueError(f"{where}: text before the first '\\n\\nHuman:' turn: {parts[0][:60]!r}")
+    turns = [(parts[i], parts[i + 1].strip()) for i in range(1, len(parts) - 2, 2)]
+    if not any(role == "Human" and t for role, t in turns):
+        raise ValueError(f"{where}: empty prompt (no non-empty Human turn before the final Assistant turn)")
+    return turns, parts[-1].strip()
+
+
+def load_hh(path: str) -> list[Pair]:
+    """Read an HH-RLHF file (.jsonl or .jsonl.gz): one JSON object per line with string fields 'chosen' and
+    'rejected' sharing the same dialogue prefix. Errors (not UTF-8, bad JSON, missing fields) name the line."""
+    pairs, mismatched = [], 0
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            where = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            for k in ("chosen", "rejected"):
+                if not isinstance(obj.get(k), str):
+                    raise ValueError(f"{where}: missing or non-string field {k!r}")
+            prompt, chosen = split_hh(obj["chosen"], where + " (chosen)")
+            prompt_r, rejected = split_hh(obj["rejected"], where + " (rejected)")
+            mismatched += prompt_r != prompt  # HH-RLHF has a few; keep the chosen side's prompt
+            pairs.append(Pair(prompt, chosen, rejected, n))
+    if not pairs:
+        raise ValueError(f"{path}: no preference pairs")
+    if mismatched:
+        print(f"[data] note: {mismatched} pairs have different prompts in chosen/rejected; used chosen's")
+    return pairs
+
+
+def to_hh(prompt: list[tuple[str, str]], response: str) -> str:
+    return "".join(f"\n\n{r}: {t}" for r, t in prompt) + f"\n\nAssistant: {response}"
+
+
+def build_default_pairs(path: str = DEFAULT_PAIRS, seed: int = 0) -> None:
+    """The default preference file from chatterbot-corpus (module docstring); byte-for-byte reproducible."""
+    import chatterbot_corpus
+    import yaml
+    seen, dialogues = set(), []
+    for f in sorted(glob.glob(os.path.join(os.path.dirname(chatterbot_corpus.__file__), "data", "english", "*.yml"))):
+        with open(f, encoding="utf-8") as fh:
+            for conv in yaml.safe_load(fh).get("conversations") or []:
+                turns = [" ".join(str(t).split()) for t in conv]
+                for u, r in zip(turns, turns[1:]):  # consecutive turns; no code, no near-empty turns, no repeats
+                    if "```" not in u + r and len(u) >= 2 and len(r) >= 2 and (u, r) not in seen:
+                        seen.add((u, r))
+                        dialogues.append((u, r))
+    rng, replies, lines = random.Random(seed), [r for _, r in dialogues], []
+    for u, r in dialogues:
+        for other in (rng.choice(replies) for _ in range(4)):
+            ga, gb = gold_score(r), gold_score(other)
+            if abs(ga - gb) >= 0.05:
+                c, j = (r, other) if ga > gb else (other, r)
+                lines.append(json.dumps({"chosen": to_hh([("Human", u)], c), "rejected": to_hh([("Human", u)], j)}))
+    with open(path + ".tmp", "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz:
+        gz.write(("\n".join(lines) + "\n").encode("utf-8"))
+    os.replace(path + ".tmp", path)
+    print(f"wrote {path}: {len(lines)} pairs from {len(dialogues)} dialogue turns")
+
+
+# ---------------------------------------------------------------------------- tokenizer and encoding
+
+
+def prompt_text(prompt: list[tuple[str, str]]) -> str:
+    return " ".join(("[H] " if r == "Human" else "[A] ") + t for r, t in prompt) + " [A]"
+
+
+def train_tokenizer(texts: list[str], vocab: int, path: str):
+    """Byte-level BPE trained offline with `tokenizers`; specials [PAD] = 0, [H] = 1, [A] = 2. Cached as JSON."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    if os.path.exists(path):
+        tok = Tokenizer.from_file(path)
+        if tok.get_vocab_size() != vocab:
+            raise ValueError(f"{path} has vocabulary {tok.get_vocab_size()}, --vocab is {vocab}; use another --out")
+        return tok
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab, special_tokens=SPECIALS, show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if vocab > tok.get_vocab_size():  # a small corpus may yield fewer merges: pad to exactly `vocab` ids
+        tok.add_special_tokens([f"[UNUSED{i}]" for i in range(vocab - tok.get_vocab_size())])
+    assert [tok.token_to_id(s) for s in SPECIALS] == [PAD, HUMAN, ASSISTANT]
+    tok.save(path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return tok
+
+
+def encode_prompts(tok, prompts: list[list[tuple[str, str]]], prompt_len: int, lines: list[int] | None = None,
+                   source: str = "", long: str = "error") -> tuple[torch.Tensor, list[int]]:
+    """Left-pad each prompt (ending in [A]) to prompt_len. Returns ids [N, prompt_len] and the indices
+    kept. A prompt longer than the block raises (or is skipped with long='skip')."""
+    out, kept = [], []
+    for i, p in enumerate(prompts):
+        ids = tok.encode(prompt_text(p)).ids
+        if len(ids) > prompt_len:
+            if long == "skip":
+                continue
+            where = f"{source}:{lines[i]}" if lines else f"prompt {i}"
+            raise ValueError(f"{where}: prompt is {len(ids)} tokens, longer than the prompt block "
+                             f"(--prompt-len {prompt_len}); raise --prompt-len or pass --long-prompts skip")
+        out.append([PAD] * (prompt_len - len(ids)) + ids)
+        kept.append(i)
+    return torch.tensor(out, dtype=torch.long).reshape(-1, prompt_len), kept
+
+
+def encode_responses(tok, responses: list[str], response_len: int) -> torch.Tensor:
+    """Right-pad (or cut) each response to response_len tokens; no special token inside."""
+    rows = [[i for i in tok.encode(r).ids if i > ASSISTANT][:response_len] for r in responses]
+    return torch.tensor([r + [PAD] * (response_len - len(r)) for r in rows], dtype=torch.long).reshape(-1, response_len)
+
+
+def decode(tok, ids: torch.Tensor) -> list[str]:
+    """Token ids -> text, dropping [PAD]/[H]/[A] (the model may put pads anywhere) and any control character
+    a byte-level token can decode to (keeps logs and files printable)."""
+    texts = (tok.decode([i for i in row.tolist() if i > ASSISTANT]) for row in ids)
+    return [" ".join("".join(c if c.isprintable() else " " for c in t).split()) for t in texts]
+
+
+@dataclass
+class TextData:
+    tok: object
+    train_prompts: torch.Tensor      # [Np, Lp] unique prompts of the training split (SEPO's prompt pool)
+    test_prompts: torch.Tensor       # [Nq, Lp] unique held-out prompts (evaluation only)
+    test_replies: list[str]          # the chosen reply of one pair per held-out prompt (reference row)
+    lm_train: torch.Tensor           # [N, Lp + Lr] unique (prompt | response) of both sides: pre-training data
+    rm_train: tuple[torch.Tensor, torch.Tensor]  # (chosen, rejected) [N, L]: a random half of the training pairs
+    rm_test: tuple[torch.Tensor, torch.Tensor]   # the other half and the held-out prompts' pairs
+    info: dict = field(default_factory=dict)
+
+
+def prepare_data(path: str, out: str, vocab: int, prompt_len: int, response_len: int, seed: int = 0,
+                 max_pairs: int | None = None, long: str = "skip") -> TextData:
+    """Load the pairs, split them by prompt (15% of the prompts held out), train the tokenizer on the training
+    split, encode; pairs whose prompt does not fit the prompt block are skipped (long="skip", counted in info)
+    or an error. Held-out prompts never reach pre-training, the reward model or SEPO."""
+    pairs = load_hh(path)
+    if max_pairs and len(pairs) > max_pairs:
+        pairs = random.Random(seed).sample(pairs, max_pairs)
+    keys = sorted({prompt_text(p.prompt) for p in pairs})
+    random.Random(seed).shuffle(keys)
+    test_keys = set(keys[: max(1, int(0.15 * len(keys)))])
+    split = {k: [p for p in pairs if (prompt_text(p.prompt) in test_keys) == (k == "test")] for k in ("train", "test")}
+    tok = train_tokenizer([prompt_text(p.prompt) + " " + p.chosen + " " + p.rejected for p in split["train"]],
+                          vocab, os.path.join(out, "tokenizer.json"))
+    enc, skipped = {}, 0
+    for k, ps in split.items():
+        x, kept = encode_prompts(tok, [p.prompt for p in ps], prompt_len, [p.line for p in ps], path, long)
+        ps, skipped = [ps[i] for i in kept], skipped + len(ps) - len(kept)
+        enc[k] = (x, *(torch.cat([x, encode_responses(tok, [getattr(p, s) for p in ps], response_len)], 1)
+                       for s in ("chosen", "rejected")), ps)
+    (xp, c_tr, r_tr, train), (xq, c_te, r_te, test) = enc["train"], enc["test"]
+    if len(train) < 2 or len(test) < 1:
+        raise ValueError(f"{path}: too few usable pairs ({len(train)} train, {len(test)} held out)")
+    perm = torch.randperm(len(c_tr), generator=torch.Generator().manual_seed(seed))
+    half, rest = perm[: len(perm) // 2], perm[len(perm) // 2:]
+    first_p = np.sort(np.unique(xp.numpy(), axis=0, return_index=True)[1])
+    first_q = np.sort(np.unique(xq.numpy(), axis=0, return_index=True)[1])
+    lm = torch.from_numpy(np.unique(torch.cat([c_tr, r_tr]).numpy(), axis=0))
+    info = dict(source=path, pairs=len(train) + len(test), skipped_long_prompts=skipped, train_prompts=len(first_p),
+                test_prompts=len(first_q), lm_sequences=len(lm), vocab=tok.get_vocab_size())
+    return TextData(tok, xp[first_p], xq[first_q], [test[i].chosen for i in first_q], lm, (c_tr[half], r_tr[half]),
+                    (torch.cat([c_tr[rest], c_te]), torch.cat([r_tr[rest], r_te])), info)
+
+
+if __name__ == "__main__":
+    build_default_pairs()
