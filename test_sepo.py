@@ -202,6 +202,7 @@ TOY_CHECKS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("check", TOY_CHECKS)
 def test_toy_ctmc(check):
     torch.set_default_dtype(torch.float64)
@@ -359,9 +360,11 @@ def test_prompts_are_shared_by_a_group_and_kept():
     assert stats["kl"] == 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", GRAPHS)
-def test_fine_tuning_raises_the_reward(name):
-    """End to end: pre-train on uniform random tokens, then SEPO towards more 3s."""
+@pytest.mark.parametrize("grad,ratio", [("pl", "snis"), ("path", "rollout"), ("rollout", "rollout")])
+def test_fine_tuning_raises_the_reward(name, grad, ratio):
+    """End to end: pre-train on uniform random tokens, then SEPO towards more 3s, with each estimator."""
     torch.manual_seed(0)
     graph, noise, model = make(name, length=6)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -371,7 +374,7 @@ def test_fine_tuning_raises_the_reward(name):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    cfg = small_cfg(batch_size=4, group_size=8, lr=1e-2, kl_coef=0.01, steps=16, kl_steps=4)
+    cfg = small_cfg(batch_size=4, group_size=8, lr=1e-2, kl_coef=0.01, steps=16, kl_steps=4, grad=grad, ratio=ratio)
     trainer = sepo.SEPO(model, graph, noise, count_threes, 6, cfg)
     before = count_threes(sepo.sample(model, graph, noise, 512, 6, steps=16)).mean().item()
     for _ in range(30):

@@ -206,6 +206,7 @@ def run(out, data, *extra):
     return T.main(["--data", data, "--out", str(out), *TOY, *extra])
 
 
+@pytest.mark.slow
 def test_pipeline_smoke_cached_and_reproducible(tmp_path, toy_data, capsys):
     res = run(tmp_path / "a", toy_data, "--iters", "2")  # best-of-N budget: 1 + ceil(2 * 2 * 2 / 6) = 3
     assert set(res) == {"Pre-trained", "SEPO", "SEPO with GF", "Best-of-3 (ft oracle)", "Data (chr1, HepG2)"}
@@ -239,6 +240,7 @@ def test_pipeline_smoke_cached_and_reproducible(tmp_path, toy_data, capsys):
         run(tmp_path / "a", toy_data, "--iters", "2", "--pretrain-lr", "0.1")
 
 
+@pytest.mark.slow
 def test_sepo_resume_is_exact(tmp_path, toy_data):
     straight = run(tmp_path / "s", toy_data, "--iters", "2", "--corrector-steps", "0")
     run(tmp_path / "r", toy_data, "--iters", "1", "--corrector-steps", "0")  # stop after one iteration ...
@@ -273,6 +275,7 @@ def test_bench_runs_one_step_per_variant(capsys):
     assert out.count("one trainer.step()") == 2 and "corrector_steps=1" in out
 
 
+@pytest.mark.slow
 def test_pipeline_on_a_gosai_csv(tmp_path):
     rows = [(rand_seq(), RNG.normal(), RNG.normal(), RNG.normal(), f"chr{c}") for c in (1, 2, 3, 4, 5, 6) for _ in range(10)]
     data = write_gosai(tmp_path / "gosai.csv", HEADER, rows)

@@ -82,6 +82,13 @@ def test_a_line_that_is_not_utf8_is_an_error_naming_it(tmp_path, name):
         D.load_hh(path)
 
 
+@pytest.mark.slow
+def test_vendored_preference_file_is_rebuilt_byte_for_byte(tmp_path):
+    D.build_default_pairs(str(tmp_path / "pairs.jsonl.gz"))
+    assert (tmp_path / "pairs.jsonl.gz").read_bytes() == open(D.DEFAULT_PAIRS, "rb").read()
+    assert len(D.load_hh(D.DEFAULT_PAIRS)) == 3740
+
+
 def test_empty_file_is_an_error(tmp_path):
     path = str(tmp_path / "empty.jsonl")
     write_jsonl(path, [""])
@@ -141,7 +148,7 @@ def test_reward_model_loss_decreases_on_separable_pairs():
         losses.append(loss.item())
     assert losses[0] == pytest.approx(math.log(2), abs=0.1)
     assert losses[-1] < 0.1 * losses[0]
-    assert T.pairwise_accuracy(rm, chosen, rejected) == 1.0
+    assert (rm.reward(chosen) > rm.reward(rejected)).all()
     r = rm.reward(chosen)
     assert torch.all((r > 0) & (r < 1))
 
@@ -223,6 +230,7 @@ def test_bootstrap_interval_over_prompts():
 TINY = ["--preset", "tiny", "--threads", "1"]
 
 
+@pytest.mark.slow
 def test_pipeline_smoke_and_resume(tmp_path, capsys):
     out = str(tmp_path / "run")
     res = T.main([*TINY, "--out", out])
@@ -251,6 +259,7 @@ def test_pipeline_smoke_and_resume(tmp_path, capsys):
         T.main([*TINY, "--out", out, "--d-model", "48"])
 
 
+@pytest.mark.slow
 def test_pipeline_on_a_real_format_file_and_the_uniform_graph(tmp_path):
     """--data reads an HH-RLHF file of your own (here a small .jsonl.gz); the uniform graph runs end to end."""
     rng = np.random.default_rng(1)

@@ -6,15 +6,11 @@
     python train_dna.py --data gosai_all.csv  # the Gosai MPRA table: seq,hepg2,k562,sknsh[,chr]
     python train_dna.py --preset paper --bench  # time one SEPO iteration, print peak GPU memory
 
-One story, top to bottom; every stage is cached in --out and resumes where it stopped:
-  1. data: 200 bp sequences, split by chromosome (test, validation, two halves for two oracles);
-  2. pre-train a masked diffusion model (MDLM, log-linear schedule) with a dilated-CNN denoiser;
-  3. reward models with the Enformer architecture on chromosome-disjoint halves: the fine-tuning
-     oracle (the only reward SEPO sees) and the evaluation oracle; an accessibility CNN (ATAC-Acc);
-  4. fine-tune with sepo.SEPO (GRPO advantages), plain and with the gradient-flow corrector;
-  5. evaluate: Pred-Activity, ATAC-Acc, 3-mer and JASPAR correlations with the top HepG2 sequences,
-     App-Log-Lik, against best-of-N from the pre-trained model; table and plots.
-docs/dna.md describes the data, what each metric measures here, and the measured results.
+Every stage is cached in --out and resumes: 1. 200 bp sequences split by chromosome (data/dna.py); 2. pre-train
+a masked diffusion model (MDLM) with a dilated-CNN denoiser; 3. Enformer-architecture oracles on chromosome-
+disjoint halves, the fine-tuning oracle (SEPO's only reward) and the evaluation oracle, and an accessibility
+CNN; 4. SEPO with GRPO advantages, plain and with the gradient-flow corrector; 5. Pred-Activity, ATAC-Acc,
+3-mer and JASPAR correlations, App-Log-Lik, against best-of-N. docs/dna.md explains data, metrics, results.
 """
 from __future__ import annotations
 
@@ -59,7 +55,6 @@ class Config:
     val_chrom: str = arg("chr2", "validation chromosome (pre-training validation loss)")
     hidden: int = arg(32, "denoiser channels")
     stacks: int = arg(1, "denoiser stacks of 5 dilated convolutions (dilations 1, 1, 4, 16, 64)")
-    kernel: int = arg(9, "denoiser convolution width")
     pretrain_steps: int = arg(500, "pre-training optimizer steps (at most, with --min-delta)")
     pretrain_batch: int = arg(64, "pre-training batch size")
     pretrain_lr: float = arg(3e-3, "pre-training AdamW learning rate (cosine decay)")
@@ -292,29 +287,27 @@ def train_oracles(cfg: Config, train: DnaData, test: DnaData, device) -> tuple[d
     and the accessibility CNN on the evaluation oracle's half (it shares no data with the fine-tuning oracle)."""
     halves = oracle_chromosomes(train.chrom, cfg.test_chrom, cfg.val_chrom)
     print(f"[data] fine-tuning oracle on {','.join(halves[0])}; evaluation oracle on {','.join(halves[1])}")
-    models, report = {}, {}
-    settings = keys(cfg, "oracle_dim", "oracle_depth", "oracle_heads", "oracle_downsamples", "oracle_epochs")
+    models, report, encode = {}, {}, train.kind == "encode"
     for j, name in enumerate(("ft_oracle", "eval_oracle", "access")):
         part = train.subset(np.isin(train.chrom, halves[min(j, 1)]))
         torch.manual_seed(cfg.seed + 10 + j)
-        if name == "access":
-            model, y = AccessibilityCNN().to(device), part.hepg2().float()
-            pos_weight = (1 - y).sum() / y.sum().clamp(min=1)  # balanced: p > 0.5 means "HepG2 more likely than not"
-            loss = lambda out, t: F.binary_cross_entropy_with_logits(out, t, pos_weight=pos_weight.to(device))
+        if name == "access":  # balanced classes: p > 0.5 means "HepG2 more likely than not"
+            m, y = AccessibilityCNN().to(device), part.hepg2().float().to(device)
+            loss = lambda out, t, w=(1 - y).sum() / y.sum().clamp(min=1): F.binary_cross_entropy_with_logits(out, t, pos_weight=w)
             held_out = lambda m: {"test_auroc": auroc(predict(m, test.x), test.hepg2())}
         else:
-            model, y = EnformerOracle(len(CELL_TYPES) if train.kind == "encode" else 3, cfg.oracle_dim,
-                                      cfg.oracle_depth, cfg.oracle_heads, cfg.oracle_downsamples).to(device), part.y
-            loss = F.cross_entropy if train.kind == "encode" else F.mse_loss
+            m, y = EnformerOracle(len(CELL_TYPES) if encode else 3, cfg.oracle_dim, cfg.oracle_depth, cfg.oracle_heads,
+                                  cfg.oracle_downsamples).to(device), part.y
+            loss = F.cross_entropy if encode else F.mse_loss
             held_out = lambda m: ({"test_hepg2_auroc": auroc(hepg2_score(predict(m, test.x), "encode"), test.hepg2())}
-                                  if train.kind == "encode" else
-                                  {"test_hepg2_pearson": pearson(predict(m, test.x)[:, 0], test.y[:, 0])})
+                                  if encode else {"test_hepg2_pearson": pearson(predict(m, test.x)[:, 0], test.y[:, 0])})
         xo, yo = part.x.to(device), y.to(device)
-        report[name] = train_loop(name, model, lambda i, g, m=model, f=loss, xo=xo, yo=yo: f(m(xo[i]), yo[i]), len(part),
-                                  max(1, round(cfg.oracle_epochs * len(part) / 128)), 128, 2e-3,
-                                  os.path.join(cfg.out, f"{name}.pt"), settings, cfg.seed + 10 + j, 0,
-                                  lambda m=model, h=held_out: h(m))
-        models[name] = model.eval().requires_grad_(False)
+        report[name] = train_loop(name, m, lambda i, g, m=m, f=loss, xo=xo, yo=yo: f(m(xo[i]), yo[i]), len(part),
+                                  max(1, round(cfg.oracle_epochs * len(part) / cfg.oracle_batch)), cfg.oracle_batch,
+                                  cfg.oracle_lr, os.path.join(cfg.out, f"{name}.pt"), keys(cfg, "oracle_dim",
+                                  "oracle_depth", "oracle_heads", "oracle_downsamples", "oracle_epochs", "oracle_batch",
+                                  "oracle_lr"), cfg.seed + 10 + j, 0, lambda m=m, h=held_out: h(m))
+        models[name] = m.eval().requires_grad_(False)
     report["agreement"] = pearson(*(hepg2_score(predict(models[k], test.x), train.kind) for k in ("ft_oracle", "eval_oracle")))
     print(f"[oracles] test-chromosome Pearson of the two oracles' HepG2 scores: {report['agreement']:.3f}")
     return models, report
@@ -410,7 +403,8 @@ def evaluate(cfg: Config, score, pretrained: nn.Module, runs: dict, models: dict
 def report(cfg: Config, results: dict, bon: list, runs: dict, oracles: dict, stamps: dict) -> None:
     cols = ["Pred-Activity", "ATAC-Acc %", "3-mer corr", "JASPAR corr", "App-Log-Lik", "Reward (ft oracle)"]
     lines = ["| Model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    lines += [f"| {name} | " + " | ".join(f"{r[c]:.3f}" for c in cols) + " |" for name, r in results.items()]
+    lines += [f"| {name} | " + " | ".join(f"{r[c]:.1f}" if "%" in c else f"{r[c]:.3f}" for c in cols) + " |"
+              for name, r in results.items()]
     what = "HepG2 log-odds (DHS cell-type specificity)" if "hepg2_auroc" in str(oracles) else "predicted HepG2 MPRA activity"
     lines += ["", f"{cfg.n_eval} samples per row, {cfg.steps} sampler steps, medians (metrics: docs/dna.md); Pred-Activity: "
               f"the evaluation oracle's {what}. Oracles "

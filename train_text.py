@@ -6,17 +6,11 @@
     python train_text.py --data train.jsonl.gz    # a real HH-RLHF preference file
     python train_text.py --preset paper --bench   # time one SEPO iteration, print peak GPU memory
 
-One story, top to bottom; every stage is cached in --out and resumes where it stopped:
-  1. data: HH-format preference pairs (default data/chatterbot_hh.jsonl.gz, built by data/text.py), split
-     by prompt, a byte-level BPE tokenizer; the prompt is a fixed prefix block, the response is diffused;
-  2. pre-train a sigma-conditioned transformer diffusion LM on the training dialogues (both sides of every
-     pair): --graph masked (MDLM denoiser) or uniform (SEDD log concrete scores);
-  3. reward model: the GPT-2 architecture (transformers, from a config, no hub weights) with a scalar head,
-     Bradley-Terry on half of the training pairs plus gold-labelled pairs of the pre-trained LM's own
-     responses (how RLHF collects labels); R(x) = sigmoid(score);
-  4. fine-tune with sepo.SEPO: PPO advantages (baseline: the mean reward of the same prompt), path KL;
-  5. evaluate on held-out prompts: reward-model score, gold-judge win rate against the pre-trained model
-     with a 95% bootstrap interval over prompts, perplexity under the pre-trained model, distinct-n.
+Every stage is cached in --out and resumes: 1. HH-format pairs (default data/chatterbot_hh.jsonl.gz), split by
+prompt, a BPE tokenizer; 2. pre-train a transformer diffusion LM on the training dialogues, the prompt a fixed
+prefix (--graph masked: MDLM denoiser; uniform: SEDD scores); 3. a GPT-2-architecture reward model, Bradley-Terry
+on half of the pairs plus gold-labelled pairs of the LM's own responses; 4. SEPO with PPO advantages and the path
+KL; 5. on held-out prompts: reward, gold-judge win rate with a 95% interval over prompts, perplexity, distinct-n.
 docs/text.md describes the data, the judge and the measured results.
 """
 from __future__ import annotations
@@ -38,7 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import sepo
-from data.text import DEFAULT_PAIRS, PAD, TextData, decode, encode_responses, gold_score, prepare_data
+from data.text import (DEFAULT_PAIRS, PAD, TextData, bootstrap_ci, decode, distinct_n, encode_responses, gold_score,
+                       prepare_data)
 
 
 # ---------------------------------------------------------------------------- configuration
@@ -211,11 +206,6 @@ class RewardModel(nn.Module):
         return torch.cat([torch.sigmoid(self(x[i:i + batch])) for i in range(0, len(x), batch)])
 
 
-def pairwise_accuracy(rm: RewardModel, chosen: Tensor, rejected: Tensor) -> float:
-    rm.eval()
-    return float((rm.reward(chosen) > rm.reward(rejected)).float().mean())
-
-
 # ---------------------------------------------------------------------------- stages: cached, resumable
 
 
@@ -337,8 +327,8 @@ def train_reward_model(cfg: Config, data: TextData, graph, noise, pre: nn.Module
     info = train_loop("reward", rm, lambda i, g: -F.logsigmoid(rm(c[i]) - rm(r[i])).mean(), len(c),
                       max(1, round(cfg.rm_epochs * len(c) / cfg.rm_batch)), cfg.rm_batch, cfg.rm_lr,
                       os.path.join(cfg.out, f"reward_model_{tag}.pt"), settings, cfg.seed + 1,
-                      val_fn=lambda: {f"accuracy_{k}": pairwise_accuracy(rm, *(t.to(device) for t in v))
-                                      for k, v in tests.items()})
+                      val_fn=lambda: {f"accuracy_{k}": float((rm.eval().reward(a.to(device)) > rm.reward(b.to(device)))
+                                                             .float().mean()) for k, (a, b) in tests.items()})
     return rm.eval().requires_grad_(False), info
 
 
@@ -377,19 +367,6 @@ def finetune(cfg: Config, data: TextData, graph, noise, pre: nn.Module, rm: Rewa
 
 
 # ---------------------------------------------------------------------------- evaluation and report
-
-
-def distinct_n(texts: list[str], n: int) -> float:
-    """Unique word n-grams / all word n-grams over the whole set (low = repetitive)."""
-    grams = [tuple(w[i:i + n]) for w in (t.lower().split() for t in texts) for i in range(len(w) - n + 1)]
-    return len(set(grams)) / max(1, len(grams))
-
-
-def bootstrap_ci(per_prompt: np.ndarray, reps: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile interval of the mean over prompts, resampling prompts: the responses to one prompt are
-    correlated, so prompts, not responses, are the independent units."""
-    idx = np.random.default_rng(seed).integers(len(per_prompt), size=(reps, len(per_prompt)))
-    return tuple(np.percentile(per_prompt[idx].mean(1), [2.5, 97.5]).tolist())
 
 
 def evaluate(cfg: Config, data: TextData, graph, noise, pre: nn.Module, ft: nn.Module, rm: RewardModel) -> tuple[list, list]:
@@ -447,12 +424,7 @@ def report(cfg: Config, rows: list, examples: list, history: list, info: dict, s
     fig, ax = plt.subplots(1, 3, figsize=(12, 3.2))
     for a, key, title in zip(ax, ["reward_mean", "kl", "clip_frac"], ["mean reward R(x) of the rollouts",
                                                                      "path KL to the pre-trained model", "clip fraction"]):
-        y = np.array([h[key] for h in history])
-        w = min(5, len(y))  # a running mean: one iteration sees only batch x group rollouts
-        a.plot(y, alpha=0.4, label="per iteration")
-        a.plot(np.arange(w - 1, len(y)), np.convolve(y, np.ones(w) / w, mode="valid"), label=f"mean of {w}")
-        a.set(title=title, xlabel="SEPO iteration")
-    ax[0].legend(fontsize=7)
+        a.plot([h[key] for h in history]), a.set(title=title, xlabel="SEPO iteration")
     fig.tight_layout(), fig.savefig(os.path.join(cfg.out, f"curves_{tag}.png"), dpi=110), plt.close(fig)
     return result
 

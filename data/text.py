@@ -1,5 +1,5 @@
-"""The text data of train_text.py: HH-RLHF preference files, the split by prompt, the BPE tokenizer, and
-the gold judge that plays the human labeller.
+"""The text data of train_text.py: HH-RLHF preference files, the split by prompt, the BPE tokenizer, the
+gold judge that plays the human labeller, and the statistics of the text evaluation.
 
     python data/text.py          # (re)build data/chatterbot_hh.jsonl.gz, the default preference file
 
@@ -245,6 +245,21 @@ def prepare_data(path: str, out: str, vocab: int, prompt_len: int, response_len:
     return TextData(tok, xp[first_p], xq[first_q], [test[i].chosen for i in first_q], lm, (c_tr[half], r_tr[half]),
                     (torch.cat([c_tr[rest], c_te]), torch.cat([r_tr[rest], r_te])), info)
 
+
+# ---------------------------------------------------------------------------- evaluation statistics
+
+
+def distinct_n(texts: list[str], n: int) -> float:
+    """Unique word n-grams / all word n-grams over the whole set (low = repetitive)."""
+    grams = [tuple(w[i:i + n]) for w in (t.lower().split() for t in texts) for i in range(len(w) - n + 1)]
+    return len(set(grams)) / max(1, len(grams))
+
+
+def bootstrap_ci(per_prompt: np.ndarray, reps: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of the mean over prompts, resampling prompts: the responses to one prompt are
+    correlated, so prompts, not responses, are the independent units of a win rate."""
+    idx = np.random.default_rng(seed).integers(len(per_prompt), size=(reps, len(per_prompt)))
+    return tuple(np.percentile(per_prompt[idx].mean(1), [2.5, 97.5]).tolist())
 
 if __name__ == "__main__":
     build_default_pairs()
