@@ -187,7 +187,7 @@ def test_pretraining_lowers_the_loss(name):
     assert sum(losses[-20:]) / 20 < 0.5 * sum(losses[:20]) / 20
 
 
-# --- exact identities on the toy CTMC (SEPO_MATH section 8) ---------------------------------
+# --- exact identities on the toy CTMC (docs/math.md §9) ---------------------------------------
 
 TOY_CHECKS = {
     "forward": lambda r: toy_ctmc.check_forward(),

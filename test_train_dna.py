@@ -214,7 +214,7 @@ def test_pipeline_smoke_cached_and_reproducible(tmp_path, toy_data, capsys):
         for k in ("Pred-Activity", "ATAC-Acc %", "3-mer corr", "App-Log-Lik", "Reward (ft oracle)"):
             assert math.isfinite(r[k]), k
         assert 0 <= r["ATAC-Acc %"] <= 100 and r["App-Log-Lik"] < 0
-    for f in ("results.md", "results.json", "tradeoff.png", "sepo_curves.png", "pretrain.pt",
+    for f in ("results.md", "results.json", "tradeoff.png", "pretrain.pt",
               "ft_oracle.pt", "eval_oracle.pt", "access.pt", "sepo.pt", "sepo_gf.pt", "samples_sepo.txt"):
         assert os.path.getsize(tmp_path / "a" / f) > 0, f
     assert not [f for f in os.listdir(tmp_path / "a") if ".tmp" in f]  # atomic writes leave no temp files

@@ -1,9 +1,9 @@
-"""Exact verification of sepo.py on a tiny state space (SEPO_MATH.md section 8).
+"""Exact verification of sepo.py on a tiny state space (docs/math.md §9).
 
 Every law here is a vector over all states (n = 3 tokens, L = 2 positions: 9 clean
 states, 16 with MASK), propagated exactly in float64, never sampled, except the
-SNIS estimator whose bias and spread we measure. Prints a table of checks, saves
-a figure, and exits non-zero if any check fails.
+estimators (importance ratios, path gradients) whose bias and spread we measure.
+Prints a table of checks, saves a figure, and exits non-zero if any check fails.
 
     python toy_ctmc.py [--out runs/toy]
 """

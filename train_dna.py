@@ -125,10 +125,7 @@ def parse_args(argv: Optional[list[str]] = None) -> Config:
     return Config(**vars(parser(PRESETS[parser({}).parse_args(argv).preset]).parse_args(argv)))
 
 
-# ---------------------------------------------------------------------------- 1. data
-
-
-# ---------------------------------------------------------------------------- 2. models
+# ---------------------------------------------------------------------------- models
 
 
 class DilatedCNNDenoiser(nn.Module):
@@ -194,7 +191,7 @@ def predict(model: nn.Module, x: Tensor, batch: int = 512) -> Tensor:
         if len(x) else torch.empty(0)
 
 
-# ---------------------------------------------------------------------------- 3. stages: cached, resumable
+# ---------------------------------------------------------------------------- stages: cached, resumable
 
 
 def save_atomic(obj, path: str) -> None:
@@ -347,7 +344,7 @@ def finetune(cfg: Config, pretrained: nn.Module, reward_fn, corrector_steps: int
     return trainer.model.eval().requires_grad_(False), history, probes
 
 
-# ---------------------------------------------------------------------------- 5. evaluation and report
+# ---------------------------------------------------------------------------- evaluation and report
 
 
 def draw(cfg: Config, model: nn.Module, n: int, corrector_steps: int, seed: int) -> Tensor:
@@ -391,11 +388,10 @@ def evaluate(cfg: Config, score, pretrained: nn.Module, runs: dict, models: dict
     rows[f"Best-of-{n_match} (ft oracle)"] = best(n_match)
     held_out = test.x[test.hepg2()] if test.kind == "encode" else test.x[test.signal.argsort(descending=True)]
     rows[f"Data ({cfg.test_chrom}, HepG2)"] = held_out[: cfg.n_eval]
-    results = {}
     for name, x in rows.items():
-        results[name] = score(x)
         with open(os.path.join(cfg.out, f"samples_{name.split(' (')[0].replace(' ', '_').lower()}.txt"), "w") as f:
             f.write("\n".join(decode_sequences(x)) + "\n")
+    results = {name: score(x) for name, x in rows.items()}
     curve = [{"N": n, **score(best(n))} for n in (2 ** k for k in range(int(math.log2(cfg.bon_max)) + 1))]
     return results, curve
 
@@ -423,28 +419,24 @@ def report(cfg: Config, results: dict, bon: list, runs: dict, oracles: dict, sta
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig, ax = plt.subplots(1, 3, figsize=(16, 4.2))
     for name, run in history.items():
-        ax[0].plot([s["reward_mean"] for s in run["history"]], label=name)
-        ax[1].plot([s["kl"] for s in run["history"]], label=name)
-    ax[0].set(xlabel="iteration", ylabel="mean reward (fine-tuning oracle)"), ax[0].legend()
-    ax[1].set(xlabel="iteration", ylabel="path KL to the pre-trained model")
-    fig.tight_layout(), fig.savefig(os.path.join(cfg.out, "sepo_curves.png"), dpi=120), plt.close(fig)
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4.2))
-    for a, metric in zip(ax, ("3-mer corr", "ATAC-Acc %")):
+        ax[0].plot([s["reward_mean"] for s in run["history"]], label=f"{name}: mean reward")
+        ax[0].plot([s["kl"] for s in run["history"]], ":", label=f"{name}: path KL")
+    ax[0].set(xlabel="SEPO iteration", title="fine-tuning oracle reward, KL to the pre-trained model"), ax[0].legend(fontsize=7)
+    for a, metric in zip(ax[1:], ("3-mer corr", "ATAC-Acc %")):
         a.plot([b[metric] for b in bon], [b["Pred-Activity"] for b in bon], "s--", c="gray", label="best-of-N")
         for b in bon:
             a.annotate(f"N={b['N']}", (b[metric], b["Pred-Activity"]), fontsize=7)
         for name, run in history.items():
             a.plot([p[metric] for p in run["probes"]], [p["Pred-Activity"] for p in run["probes"]], "o-",
-                   label=f"{name} (every {cfg.ckpt_every} iterations)")
-        for name, r in results.items():
-            if name.startswith(("Pre-trained", "Data")):
-                a.plot(r[metric], r["Pred-Activity"], "*", ms=12, label=name)
+                   label=f"{name}, every {cfg.ckpt_every} iterations")
+        for name in [n for n in results if n.startswith(("Pre-trained", "Data"))]:
+            a.plot(results[name][metric], results[name]["Pred-Activity"], "*", ms=12, label=name)
         a.set(xlabel=metric, ylabel="Pred-Activity (evaluation oracle)")
-    ax[0].legend(fontsize=7)
-    fig.tight_layout(), fig.savefig(os.path.join(cfg.out, "tradeoff.png"), dpi=120), plt.close(fig)
-    print(f"[done] wrote {cfg.out}/results.md, results.json, sepo_curves.png, tradeoff.png")
+    ax[1].legend(fontsize=7)
+    fig.tight_layout(), fig.savefig(os.path.join(cfg.out, "tradeoff.png"), dpi=110), plt.close(fig)
+    print(f"[done] wrote {cfg.out}/results.md, results.json, tradeoff.png")
 
 
 def bench(cfg: Config, device: torch.device) -> dict:

@@ -206,7 +206,7 @@ class TextData:
     train_prompts: torch.Tensor      # [Np, Lp] unique prompts of the training split (SEPO's prompt pool)
     test_prompts: torch.Tensor       # [Nq, Lp] unique held-out prompts (evaluation only)
     test_replies: list[str]          # the chosen reply of one pair per held-out prompt (reference row)
-    lm_train: torch.Tensor           # [N, Lp + Lr] unique (prompt | response) of both sides: pre-training data
+    lm_train: torch.Tensor           # [N, Lp + Lr] unique (prompt | chosen response) of the training pairs
     rm_train: tuple[torch.Tensor, torch.Tensor]  # (chosen, rejected) [N, L]: a random half of the training pairs
     rm_test: tuple[torch.Tensor, torch.Tensor]   # the other half and the held-out prompts' pairs
     info: dict = field(default_factory=dict)
@@ -216,7 +216,8 @@ def prepare_data(path: str, out: str, vocab: int, prompt_len: int, response_len:
                  max_pairs: int | None = None, long: str = "skip") -> TextData:
     """Load the pairs, split them by prompt (15% of the prompts held out), train the tokenizer on the training
     split, encode; pairs whose prompt does not fit the prompt block are skipped (long="skip", counted in info)
-    or an error. Held-out prompts never reach pre-training, the reward model or SEPO."""
+    or an error. The LM trains on the chosen responses (RLHF's supervised stage), the reward model on half of
+    the pairs. Held-out prompts never reach pre-training, the reward model or SEPO."""
     pairs = load_hh(path)
     if max_pairs and len(pairs) > max_pairs:
         pairs = random.Random(seed).sample(pairs, max_pairs)
@@ -239,7 +240,7 @@ def prepare_data(path: str, out: str, vocab: int, prompt_len: int, response_len:
     half, rest = perm[: len(perm) // 2], perm[len(perm) // 2:]
     first_p = np.sort(np.unique(xp.numpy(), axis=0, return_index=True)[1])
     first_q = np.sort(np.unique(xq.numpy(), axis=0, return_index=True)[1])
-    lm = torch.from_numpy(np.unique(torch.cat([c_tr, r_tr]).numpy(), axis=0))
+    lm = torch.from_numpy(np.unique(c_tr.numpy(), axis=0))  # supervised fine-tuning data: the preferred responses
     info = dict(source=path, pairs=len(train) + len(test), skipped_long_prompts=skipped, train_prompts=len(first_p),
                 test_prompts=len(first_q), lm_sequences=len(lm), vocab=tok.get_vocab_size())
     return TextData(tok, xp[first_p], xq[first_q], [test[i].chosen for i in first_q], lm, (c_tr[half], r_tr[half]),
