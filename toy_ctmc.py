@@ -497,13 +497,13 @@ def check_gradient_estimators(results: dict, steps: int = 16) -> list:
             path = [cos[f"path {M}"] for M in Ms]
             rows.append((f"7 cos(pl grad, exact), {kind} ({name}): the paper's estimator", cos["pl"],
                          "> 0 (report)", cos["pl"] > 0))
+            label = f"7 cos(path grad, exact), {kind} ({name}), M = " + ", ".join(map(str, Ms)) + ": " \
+                + ", ".join(f"{c:.3f}" for c in path)
             if kind == "tabular" or name == "masked":
-                rows.append((f"7 cos(path grad, exact), {kind} ({name}), M = 4", path[1], ">= 0.95", path[1] >= 0.95))
+                rows.append((label + "; at M = 4", path[1], ">= 0.95", path[1] >= 0.95))
             else:  # uniform neural: the forward proposal is poor, the SNIS bias shrinks with M
                 inc = all(b > a for a, b in zip(path, path[1:]))
-                rows.append((f"7 cos(path grad, exact), {kind} ({name}), M = 1, 4, 16 -> 64: "
-                             + ", ".join(f"{c:.3f}" for c in path[:-1]) + " ->", path[-1], ">= 0.8, increasing",
-                             inc and path[-1] >= 0.8))
+                rows.append((label + f"; at M = {Ms[-1]}", path[-1], ">= 0.8, increasing", inc and path[-1] >= 0.8))
             rows.append((f"7 cos(rollout-path grad, exact), {kind} ({name}), 10^4 rollouts", cos["rollout"],
                          ">= 0.95", cos["rollout"] >= 0.95))
     return rows
