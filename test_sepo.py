@@ -37,6 +37,14 @@ class TinyScoreNet(nn.Module):
         return self.net(h).view(x.shape[0], self.L, self.out)
 
 
+@pytest.fixture
+def float64():
+    """Run a test with float64 as the default dtype (the exactness tests), restored afterwards."""
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
 def make(name: str, n: int = 4, length: int = 6, seed: int = 0, **kw):
     torch.manual_seed(seed)
     graph, noise = GRAPHS[name](n)
@@ -154,21 +162,17 @@ def test_score_entropy_is_zero_at_the_true_ratio_and_positive_elsewhere():
 
 
 @pytest.mark.parametrize("name", ["masked", "uniform"])
-def test_elbo_with_exact_scores_recovers_log_likelihood(name):
+def test_elbo_with_exact_scores_recovers_log_likelihood(name, float64):
     """With the exact scores of a tabular model the reverse process is exact, so the ELBO is tight:
     its Monte-Carlo mean must match log p_0(x) within the Monte-Carlo error."""
-    torch.set_default_dtype(torch.float64)
-    try:
-        graph, noise, model = toy_ctmc.setup(name, seed=3)
-        S = toy_ctmc.all_states(toy_ctmc.N, toy_ctmc.L)
-        reps = 3000
-        e = sepo.elbo(model, graph, noise, S.repeat(reps, 1), num_t=8,
-                      generator=torch.Generator().manual_seed(0)).view(reps, len(S))
-        err = e.mean(0) - model.log_p0().detach()
-        stderr = e.std(0) / reps ** 0.5
-        assert (err.abs() < 4 * stderr + 1e-3).all(), (err, stderr)
-    finally:
-        torch.set_default_dtype(torch.float32)
+    graph, noise, model = toy_ctmc.setup(name, seed=3)
+    S = toy_ctmc.all_states(toy_ctmc.N, toy_ctmc.L)
+    reps = 3000
+    e = sepo.elbo(model, graph, noise, S.repeat(reps, 1), num_t=8,
+                  generator=torch.Generator().manual_seed(0)).view(reps, len(S))
+    err = e.mean(0) - model.log_p0().detach()
+    stderr = e.std(0) / reps ** 0.5
+    assert (err.abs() < 4 * stderr + 1e-3).all(), (err, stderr)
 
 
 @pytest.mark.parametrize("name", GRAPHS)
@@ -204,12 +208,8 @@ TOY_CHECKS = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("check", TOY_CHECKS)
-def test_toy_ctmc(check):
-    torch.set_default_dtype(torch.float64)
-    try:
-        rows = TOY_CHECKS[check]({})
-    finally:
-        torch.set_default_dtype(torch.float32)
+def test_toy_ctmc(check, float64):
+    rows = TOY_CHECKS[check]({})
     failed = [r for r in rows if not r[3]]
     assert rows and not failed, failed
 
@@ -517,13 +517,6 @@ def test_bf16_model_gives_fp32_log_probs():
 
 
 # --- the trainer: options, micro-batches, references ---------------------------------------------
-
-
-@pytest.fixture
-def float64():
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(torch.float32)
 
 
 def two_token_prompts(k, gen):
