@@ -139,6 +139,18 @@ def test_oracle_split_needs_two_training_chromosomes():
         D.oracle_chromosomes(np.array(["chr1", "chr2", "chr3"]), "chr1", "chr2")
 
 
+def test_chromosome_split_partitions_the_rows_and_needs_test_and_validation():
+    d = D.DnaData(torch.arange(6)[:, None].repeat(1, D.SEQ_LEN) % 4, np.array(["chr1", "chr2", "chr3", "chr3", "chr1",
+                  "chr4"]), torch.tensor([1, 0, 1, 2, 1, 3]), torch.arange(6.0), "encode")
+    s = D.split_by_chromosome(d, "chr1", "chr2")
+    assert [len(s[k]) for k in ("train", "val", "test")] == [3, 1, 2]
+    assert set(s["train"].chrom) == {"chr3", "chr4"} and set(s["test"].chrom) == {"chr1"}
+    with pytest.raises(ValueError, match="test \\(chr9\\)"):
+        D.split_by_chromosome(d, "chr9", "chr2")
+    # the reference set: HepG2 rows (class 1) by signal, highest first
+    assert D.top_hepg2(d, 2).equal(d.x[[4, 2]])
+
+
 # ---------------------------------------------------------------------------- metrics (hand-computed)
 
 

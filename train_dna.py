@@ -31,7 +31,8 @@ from torch import Tensor, nn
 
 import sepo
 from data.dna import (CELL_TYPES, SEQ_LEN, DnaData, auroc, decode_sequences, hepg2_score, kmer_counts, load_data,
-                      load_jaspar_pwms, motif_hits, oracle_chromosomes, pearson, spearman)
+                      load_jaspar_pwms, motif_hits, oracle_chromosomes, pearson, spearman, split_by_chromosome,
+                      top_hepg2)
 
 
 # ---------------------------------------------------------------------------- configuration
@@ -356,8 +357,7 @@ def draw(cfg: Config, model: nn.Module, n: int, corrector_steps: int, seed: int)
 def make_scorer(cfg: Config, models: dict, pretrained: nn.Module, train: DnaData) -> Callable[[Tensor], dict]:
     """The table's metrics for samples x [N, 200]; reference set: the 1000 training sequences of highest HepG2
     signal (ENCODE: among the HepG2 DHS); JASPAR hits at relative PWM score >= 0.85 on either strand."""
-    pool = train.subset(train.hepg2().numpy()) if train.kind == "encode" else train
-    top = pool.x[pool.signal.argsort(descending=True)[:1000]]
+    top = top_hepg2(train, 1000)
     pwms = load_jaspar_pwms()[1]
     top_kmers, top_motifs = kmer_counts(top), motif_hits(top, pwms)
     device = next(pretrained.parameters()).device
@@ -486,10 +486,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     os.makedirs(cfg.out, exist_ok=True)
     tic, stamps = time.perf_counter(), {}
     data = load_data(cfg.data)
-    split = {k: data.subset(m) for k, m in (("train", ~np.isin(data.chrom, [cfg.test_chrom, cfg.val_chrom])),
-                                            ("val", data.chrom == cfg.val_chrom), ("test", data.chrom == cfg.test_chrom))}
-    if not (len(split["val"]) and len(split["test"])):
-        raise SystemExit(f"no sequences on the validation ({cfg.val_chrom}) or test ({cfg.test_chrom}) chromosome")
+    split = split_by_chromosome(data, cfg.test_chrom, cfg.val_chrom)
     print(f"[data] {len(data)} sequences ({data.kind}): " + ", ".join(f"{k} {len(v)}" for k, v in split.items()))
     pretrained = pretrain(cfg, split["train"], split["val"], device)
     stamps["pretrain"] = time.perf_counter() - tic

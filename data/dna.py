@@ -137,6 +137,22 @@ def load_data(path: str) -> DnaData:
     return load_gosai(path) if path.endswith((".csv", ".csv.gz")) else load_encode(path)
 
 
+def split_by_chromosome(data: DnaData, test_chrom: str, val_chrom: str) -> dict[str, DnaData]:
+    """{"train": all other chromosomes, "val": val_chrom, "test": test_chrom}; an empty val or test is an error."""
+    split = {"train": data.subset(~np.isin(data.chrom, [test_chrom, val_chrom])),
+             "val": data.subset(data.chrom == val_chrom), "test": data.subset(data.chrom == test_chrom)}
+    if not (len(split["val"]) and len(split["test"])):
+        raise ValueError(f"no sequences on the validation ({val_chrom}) or test ({test_chrom}) chromosome")
+    return split
+
+
+def top_hepg2(data: DnaData, n: int = 1000) -> Tensor:
+    """The n sequences of highest HepG2 signal [n, 200] (ENCODE: among the HepG2 DHS): the reference set
+    of the 3-mer and JASPAR correlations."""
+    pool = data.subset(data.hepg2().numpy()) if data.kind == "encode" else data
+    return pool.x[pool.signal.argsort(descending=True)[:n]]
+
+
 def oracle_chromosomes(chrom: np.ndarray, test_chrom: str, val_chrom: str) -> tuple[list[str], list[str]]:
     """Split the training chromosomes (all but test and validation) into two disjoint halves of about
     equal size (greedy, largest first): (fine-tuning oracle's, evaluation oracle's)."""
@@ -213,6 +229,7 @@ def motif_hits(x: Tensor, pwms: list[Tensor], rel_threshold: float = 0.85) -> Te
     total = sum((F.conv1d(F.pad(F.one_hot(xb, 4).float().transpose(1, 2), (0, wmax - 1)), W) >= thr)
                 .logical_and(valid).sum((0, 2)).float() for xb in x.split(256)) if N else torch.zeros(len(both))
     return total[: len(pwms)] + total[len(pwms):]
+
 
 if __name__ == "__main__":
     d = load_data(sys.argv[1] if len(sys.argv) > 1 else "")
