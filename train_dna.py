@@ -6,11 +6,8 @@
     python train_dna.py --data gosai_all.csv  # the Gosai MPRA table: seq,hepg2,k562,sknsh[,chr]
     python train_dna.py --preset paper --bench  # time one SEPO iteration, print peak GPU memory
 
-Every stage is cached in --out and resumes: 1. 200 bp sequences split by chromosome (data/dna.py); 2. pre-train
-a masked diffusion model (MDLM) with a dilated-CNN denoiser; 3. Enformer-architecture oracles on chromosome-
-disjoint halves, the fine-tuning oracle (SEPO's only reward) and the evaluation oracle, and an accessibility
-CNN; 4. SEPO with GRPO advantages, plain and with the gradient-flow corrector; 5. Pred-Activity, ATAC-Acc,
-3-mer and JASPAR correlations, App-Log-Lik, against best-of-N. docs/dna.md explains data, metrics, results.
+Stages, each cached in --out and resumable: data (data/dna.py), pre-training, oracles, SEPO (plain and with the
+gradient-flow corrector), evaluation against best-of-N. docs/dna.md explains the data, metrics and results.
 """
 from __future__ import annotations
 
@@ -21,7 +18,6 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
@@ -39,13 +35,12 @@ from data.dna import (CELL_TYPES, SEQ_LEN, DnaData, auroc, decode_sequences, hep
 
 
 def arg(default, help: str):
-    return field(default=default, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
-@dataclass
+@dataclasses.dataclass
 class Config:
-    preset: str = arg("cpu", "cpu (minutes on a laptop), gpu (one GPU), paper (the paper's settings) or tiny (tests); "
-                             "flags given explicitly override the preset")
+    preset: str = arg("cpu", "cpu (laptop, minutes), gpu (one GPU), paper (the paper's settings) or tiny (tests)")
     data: str = arg("", "'' = the vendored ENCODE DHS file; .csv(.gz) = a Gosai table seq,hepg2,k562,sknsh[,chr]")
     out: str = arg("runs/dna", "output folder: cached stages, checkpoints, table, plots, samples")
     seed: int = arg(0, "seed of every stage (runs are reproducible)")
@@ -111,19 +106,15 @@ PRESETS = {
 
 
 def parse_args(argv: Optional[list[str]] = None) -> Config:
-    """Flags from the Config fields; --preset sets the defaults, explicit flags win."""
-    def parser(defaults: dict) -> argparse.ArgumentParser:
-        p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        for f in dataclasses.fields(Config):
-            kw = dict(choices=sorted(PRESETS)) if f.name == "preset" else {}
-            if f.type in ("bool", bool):
-                p.add_argument("--" + f.name.replace("_", "-"), action="store_true", help=f.metadata["help"])
-            else:
-                p.add_argument("--" + f.name.replace("_", "-"), default=defaults.get(f.name, f.default), **kw,
-                               type={"int": int, "float": float, "str": str}[str(f.type)], help=f.metadata["help"])
-        return p
-    return Config(**vars(parser(PRESETS[parser({}).parse_args(argv).preset]).parse_args(argv)))
+    """Flags from the Config fields: an explicit flag wins over --preset, which wins over the field's default."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    types = {"int": int, "float": float, "str": str}
+    for f in dataclasses.fields(Config):
+        kind = dict(action="store_true", default=None) if f.type == "bool" else dict(type=types[f.type])
+        p.add_argument("--" + f.name.replace("_", "-"), help=f"{f.metadata['help']} (default: {f.default!r})", **kind,
+                       **(dict(choices=sorted(PRESETS)) if f.name == "preset" else {}))
+    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    return Config(**{**PRESETS[given.get("preset", "cpu")], **given})
 
 
 # ---------------------------------------------------------------------------- models
@@ -188,16 +179,19 @@ class AccessibilityCNN(nn.Module):
 @torch.no_grad()
 def predict(model: nn.Module, x: Tensor, batch: int = 512) -> Tensor:
     dev = next(model.parameters()).device
-    return torch.cat([model.eval()(x[i:i + batch].to(dev)).float().cpu() for i in range(0, len(x), batch)]) \
-        if len(x) else torch.empty(0)
+    return torch.cat([model.eval()(xb.to(dev)).float().cpu() for xb in x.split(batch)]) if len(x) else torch.empty(0)
 
 
 # ---------------------------------------------------------------------------- stages: cached, resumable
 
 
 def save_atomic(obj, path: str) -> None:
-    """torch.save to a temporary file, then os.replace: a crash never leaves a half-written checkpoint."""
-    torch.save(obj, f"{path}.tmp")
+    """Text or torch.save to a temporary file, then os.replace: a crash never leaves a half-written file."""
+    if isinstance(obj, str):
+        with open(f"{path}.tmp", "w") as f:
+            f.write(obj)
+    else:
+        torch.save(obj, f"{path}.tmp")
     os.replace(f"{path}.tmp", path)
 
 
@@ -357,15 +351,12 @@ def draw(cfg: Config, model: nn.Module, n: int, corrector_steps: int, seed: int)
 def make_scorer(cfg: Config, models: dict, pretrained: nn.Module, train: DnaData) -> Callable[[Tensor], dict]:
     """The table's metrics for samples x [N, 200]; reference set: the 1000 training sequences of highest HepG2
     signal (ENCODE: among the HepG2 DHS); JASPAR hits at relative PWM score >= 0.85 on either strand."""
-    top = top_hepg2(train, 1000)
-    pwms = load_jaspar_pwms()[1]
+    top, pwms, device = top_hepg2(train, 1000), load_jaspar_pwms()[1], next(pretrained.parameters()).device
     top_kmers, top_motifs = kmer_counts(top), motif_hits(top, pwms)
-    device = next(pretrained.parameters()).device
 
     def score(x: Tensor) -> dict:
         g = torch.Generator(device).manual_seed(cfg.seed + 200)  # the same noise for every row: paired
-        ll = sepo.elbo(pretrained, sepo.Masked(4), sepo.LogLinear(), x.to(device), cfg.elbo_t, generator=g,
-                       batch_size=256)
+        ll = sepo.elbo(pretrained, sepo.Masked(4), sepo.LogLinear(), x.to(device), cfg.elbo_t, generator=g, batch_size=256)
         return {"Pred-Activity": hepg2_score(predict(models["eval_oracle"], x), train.kind).median().item(),
                 "ATAC-Acc %": 100 * (predict(models["access"], x) > 0).float().mean().item(),
                 "3-mer corr": pearson(kmer_counts(x), top_kmers),
@@ -388,9 +379,9 @@ def evaluate(cfg: Config, score, pretrained: nn.Module, runs: dict, models: dict
     rows[f"Best-of-{n_match} (ft oracle)"] = best(n_match)
     held_out = test.x[test.hepg2()] if test.kind == "encode" else test.x[test.signal.argsort(descending=True)]
     rows[f"Data ({cfg.test_chrom}, HepG2)"] = held_out[: cfg.n_eval]
-    for name, x in rows.items():
-        with open(os.path.join(cfg.out, f"samples_{name.split(' (')[0].replace(' ', '_').lower()}.txt"), "w") as f:
-            f.write("\n".join(decode_sequences(x)) + "\n")
+    for name, x in rows.items():  # samples_pre-trained.txt, samples_sepo.txt, ...
+        tag = name.split(" (")[0].replace(" ", "_").lower()
+        save_atomic("\n".join(decode_sequences(x)) + "\n", os.path.join(cfg.out, f"samples_{tag}.txt"))
     results = {name: score(x) for name, x in rows.items()}
     curve = [{"N": n, **score(best(n))} for n in (2 ** k for k in range(int(math.log2(cfg.bon_max)) + 1))]
     return results, curve
@@ -402,20 +393,17 @@ def report(cfg: Config, results: dict, bon: list, runs: dict, oracles: dict, sta
     lines += [f"| {name} | " + " | ".join(f"{r[c]:.1f}" if "%" in c else f"{r[c]:.3f}" for c in cols) + " |"
               for name, r in results.items()]
     what = "HepG2 log-odds (DHS cell-type specificity)" if "hepg2_auroc" in str(oracles) else "predicted HepG2 MPRA activity"
-    lines += ["", f"{cfg.n_eval} samples per row, {cfg.steps} sampler steps, medians (metrics: docs/dna.md); Pred-Activity: "
-              f"the evaluation oracle's {what}. Oracles "
-              f"on {cfg.test_chrom}: " + "; ".join(f"{k} {fmt({m: v for m, v in r.items() if m.startswith('test')})}"
-                                                  for k, r in oracles.items() if k != "agreement")
-              + f"; the two oracles agree at Pearson {oracles['agreement']:.3f}. Stage times (s): {fmt(stamps)}."]
+    tests = "; ".join(f"{k} {fmt({m: v for m, v in r.items() if m.startswith('test')})}"
+                      for k, r in oracles.items() if k != "agreement")
+    lines += ["", f"{cfg.n_eval} samples per row, {cfg.steps} sampler steps, medians (metrics: docs/dna.md); "
+              f"Pred-Activity: the evaluation oracle's {what}. Oracles on {cfg.test_chrom}: {tests}; the two "
+              f"oracles agree at Pearson {oracles['agreement']:.3f}. Stage times (s): {fmt(stamps)}."]
     table = "\n".join(lines)
     print(table)
     history = {name: {"history": h, "probes": p} for name, (_, _, h, p) in runs.items()}
-    for name, text in (("results.md", table + "\n"), ("results.json", json.dumps(
-            {"config": dataclasses.asdict(cfg), "rows": results, "best_of_n": bon, "oracles": oracles,
-             "stage_seconds": stamps, "runs": history}, indent=1))):
-        with open(os.path.join(cfg.out, name + ".tmp"), "w") as f:
-            f.write(text)
-        os.replace(os.path.join(cfg.out, name + ".tmp"), os.path.join(cfg.out, name))
+    save_atomic(table + "\n", os.path.join(cfg.out, "results.md"))
+    save_atomic(json.dumps({"config": dataclasses.asdict(cfg), "rows": results, "best_of_n": bon, "oracles": oracles,
+                            "stage_seconds": stamps, "runs": history}, indent=1), os.path.join(cfg.out, "results.json"))
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -440,38 +428,37 @@ def report(cfg: Config, results: dict, bon: list, runs: dict, oracles: dict, sta
 
 
 def bench(cfg: Config, device: torch.device) -> dict:
-    """Time one SEPO iteration (plain, and with the corrector) at these settings with an untrained denoiser and
-    oracle; peak GPU memory on CUDA. Then the error bf16 autocast brings to path log-probs and SNIS log-ratios
-    against fp32 (same weights, same paths), next to the |log r| of that iteration's update."""
+    """Time one SEPO iteration (plain, and with the corrector) with an untrained denoiser and oracle; peak GPU
+    memory on CUDA. Then the error bf16 autocast brings to path log-probs and SNIS log-ratios against fp32 (same
+    weights, same paths), next to the |log r| of that iteration's update: the test for --amp bf16."""
     torch.manual_seed(cfg.seed)
     model = DilatedCNNDenoiser(cfg.hidden, cfg.stacks).to(device)
     oracle = EnformerOracle(4, cfg.oracle_dim, cfg.oracle_depth, cfg.oracle_heads, cfg.oracle_downsamples).to(device)
-    graph, noise, out = sepo.Masked(4), sepo.LogLinear(), {}
+    graph, noise, out, cuda = sepo.Masked(4), sepo.LogLinear(), {}, device.type == "cuda"
     for gf in sorted({0, cfg.corrector_steps}):
         trainer = sepo.SEPO(model, graph, noise, lambda x: hepg2_score(predict(oracle, x), "encode"), SEQ_LEN,
                             sepo_config(cfg, gf))
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize(), torch.cuda.reset_peak_memory_stats()
         tic = time.perf_counter()
         trainer.step()
-        torch.cuda.synchronize() if device.type == "cuda" else None
-        out[f"step_s_gf{gf}"] = time.perf_counter() - tic
-        mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
+        if cuda:
+            torch.cuda.synchronize()
+        out[f"step_s_gf{gf}"], mem = time.perf_counter() - tic, torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else 0
         print(f"[bench] {cfg.batch}x{cfg.group} samples, {cfg.steps} steps, corrector_steps={gf}, grad={cfg.grad}, "
               f"ratio={cfg.ratio}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter denoiser on "
               f"{device}: one trainer.step() {out[f'step_s_gf{gf}']:.2f}s, peak GPU memory {mem:.2f} GiB", flush=True)
-    x = draw(cfg, trainer.ref_model, cfg.batch * cfg.group, 0, cfg.seed)
-    paths = graph.sample_path(x.to(device).repeat_interleave(cfg.snis, 0), noise(sepo.time_grid(cfg.steps, device))[0])
-    logq = sepo.forward_path_log_prob(graph, noise, paths).view(-1, cfg.snis)
-    lp = {}
-    for name, amp in (("fp32", False), ("bf16", True)):
-        with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=amp):
-            lp[name] = [sepo.path_log_prob(m, graph, noise, paths, chunk_size=512).view(-1, cfg.snis)
-                        for m in (trainer.model, trainer.ref_model)]
-    log_r = {k: sepo.snis_log_ratio(new, old, logq) for k, (new, old) in lp.items()}
-    out.update(path_lp_err=(lp["bf16"][0] - lp["fp32"][0]).abs().mean().item(),
+    x = draw(cfg, trainer.ref_model, cfg.batch * cfg.group, 0, cfg.seed).to(device)
+    paths = graph.sample_path(x.repeat_interleave(cfg.snis, 0), noise(sepo.time_grid(cfg.steps, device))[0])
+    logq, log_r, lp = sepo.forward_path_log_prob(graph, noise, paths).view(-1, cfg.snis), {}, {}
+    for name in ("fp32", "bf16"):
+        with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=name == "bf16"):
+            lp[name], old = (sepo.path_log_prob(m, graph, noise, paths, chunk_size=512).view(-1, cfg.snis)
+                             for m in (trainer.model, trainer.ref_model))
+        log_r[name] = sepo.snis_log_ratio(lp[name], old, logq)
+    out.update(path_lp_err=(lp["bf16"] - lp["fp32"]).abs().mean().item(),
                log_r_err=(log_r["bf16"] - log_r["fp32"]).abs().mean().item(), log_r=log_r["fp32"].abs().mean().item())
-    print(f"[bench] bf16 vs fp32 on {paths.shape[0]} paths: mean |error| of a path log-prob {out['path_lp_err']:.4f} "
+    print(f"[bench] bf16 vs fp32 on {len(paths)} paths: mean |error| of a path log-prob {out['path_lp_err']:.4f} "
           f"nats, of a SNIS log-ratio {out['log_r_err']:.4f}; mean |log r| after the update {out['log_r']:.4f}")
     return out
 

@@ -21,9 +21,7 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
@@ -40,13 +38,12 @@ from data.text import (DEFAULT_PAIRS, PAD, TextData, bootstrap_ci, decode, disti
 
 
 def arg(default, help: str):
-    return field(default=default, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
-@dataclass
+@dataclasses.dataclass
 class Config:
-    preset: str = arg("cpu", "cpu (minutes on a laptop), gpu (one GPU), paper (the paper's settings) or tiny (tests); "
-                             "flags given explicitly override the preset")
+    preset: str = arg("cpu", "cpu (laptop, minutes), gpu (one GPU), paper (the paper's settings) or tiny (tests)")
     data: str = arg("", "HH-RLHF preference file (.jsonl or .jsonl.gz); '' = data/chatterbot_hh.jsonl.gz")
     out: str = arg("runs/text", "output folder: cached stages, checkpoints, table, plots, examples")
     seed: int = arg(0, "seed of every stage (runs are reproducible)")
@@ -118,22 +115,16 @@ PRESETS = {
 
 
 def parse_args(argv: Optional[list[str]] = None) -> Config:
-    """Flags from the Config fields; --preset sets the defaults, explicit flags win."""
-    argv = sys.argv[1:] if argv is None else argv
-
-    def parser(defaults: dict) -> argparse.ArgumentParser:
-        p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        for f in dataclasses.fields(Config):
-            kw = dict(choices=sorted(PRESETS)) if f.name == "preset" else {}
-            if f.type in ("bool", bool):
-                p.add_argument("--" + f.name.replace("_", "-"), action="store_true", help=f.metadata["help"])
-            else:
-                p.add_argument("--" + f.name.replace("_", "-"), default=defaults.get(f.name, f.default), **kw,
-                               type={"int": int, "float": float, "str": str}[str(f.type)], help=f.metadata["help"])
-        return p
-    cfg = Config(**vars(parser(PRESETS[parser({}).parse_args(argv).preset]).parse_args(argv)))
-    if cfg.data and not any(a.startswith("--policy-pairs") for a in argv):
+    """Flags from the Config fields: an explicit flag wins over --preset, which wins over the field's default."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    types = {"int": int, "float": float, "str": str}
+    for f in dataclasses.fields(Config):
+        kind = dict(action="store_true", default=None) if f.type == "bool" else dict(type=types[f.type])
+        p.add_argument("--" + f.name.replace("_", "-"), help=f"{f.metadata['help']} (default: {f.default!r})", **kind,
+                       **(dict(choices=sorted(PRESETS)) if f.name == "preset" else {}))
+    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    cfg = Config(**{**PRESETS[given.get("preset", "cpu")], **given})
+    if cfg.data and "policy_pairs" not in given:
         cfg.policy_pairs = 0  # a real preference file has real labels; the gold judge only evaluates
     return cfg
 
@@ -210,8 +201,12 @@ class RewardModel(nn.Module):
 
 
 def save_atomic(obj, path: str) -> None:
-    """torch.save to a temporary file, then os.replace: a crash never leaves a half-written checkpoint."""
-    torch.save(obj, f"{path}.tmp")
+    """Text or torch.save to a temporary file, then os.replace: a crash never leaves a half-written file."""
+    if isinstance(obj, str):
+        with open(f"{path}.tmp", "w") as f:
+            f.write(obj)
+    else:
+        torch.save(obj, f"{path}.tmp")
     os.replace(f"{path}.tmp", path)
 
 
@@ -415,9 +410,7 @@ def report(cfg: Config, rows: list, examples: list, history: list, info: dict, s
     tag = f"steps{cfg.steps}"
     for name, text in [(f"results_{tag}.md", table + "\n"), (f"examples_{tag}.txt", ex + "\n"),
                        (f"results_{tag}.json", json.dumps(result, indent=1))]:
-        with open(os.path.join(cfg.out, name + ".tmp"), "w") as f:
-            f.write(text)
-        os.replace(os.path.join(cfg.out, name + ".tmp"), os.path.join(cfg.out, name))
+        save_atomic(text, os.path.join(cfg.out, name))
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
