@@ -1,6 +1,7 @@
 """Tests of train_dna.py: data validators, the chromosome split, each metric against a hand
 computation, and the whole pipeline at toy size (cached, resumable, reproducible). CPU, seconds."""
 import gzip
+import importlib.util
 import json
 import math
 import os
@@ -279,6 +280,16 @@ def test_paper_preset_and_overrides():
         (128, 8, 8, 2, 4, 0.2, 0.05, 10, 1e-4, 640)
     assert T.parse_args(["--preset", "paper", "--steps", "64"]).steps == 64
     assert T.parse_args([]).steps == T.Config().steps
+
+
+def test_bf16_error_script():
+    """docs/bf16_error.py: bf16 autocast changes the path log-probs a little, and the fp32 leg is the ratio."""
+    spec = importlib.util.spec_from_file_location("bf16_error", os.path.join(os.path.dirname(__file__), "docs",
+                                                                             "bf16_error.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main([*TOY, "--warmup", "1", "--out", "/nonexistent"])
+    assert 0 < out["path_lp_err"] < 1 and 0 <= out["log_r_err"] < 1 and 0 < out["log_r"] < 10
 
 
 def test_bench_runs_one_step_per_variant(capsys):
