@@ -209,6 +209,14 @@ def test_jaspar_motifs_load_offline():
 TOY = ["--preset", "tiny", "--threads", "1"]
 
 
+def docs_script(name: str):
+    """A script of docs/ (they are not a package) as a module."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(__file__), "docs", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 @pytest.fixture(scope="module")
 def toy_data(tmp_path_factory):
     rows = [(f"chr{c}", i, D.CELL_TYPES[i % 4], float(i), "train", rand_seq()) for c in (1, 2, 3, 4, 5, 6) for i in range(12)]
@@ -227,7 +235,7 @@ def test_pipeline_smoke_cached_and_reproducible(tmp_path, toy_data, capsys):
         for k in ("Pred-Activity", "ATAC-Acc %", "3-mer corr", "App-Log-Lik", "Reward (ft oracle)"):
             assert math.isfinite(r[k]), k
         assert 0 <= r["ATAC-Acc %"] <= 100 and r["App-Log-Lik"] < 0
-    for f in ("results.md", "results.json", "tradeoff.png", "pretrain.pt",
+    for f in ("results.md", "results.json", "curves.png", "pretrain.pt",
               "ft_oracle.pt", "eval_oracle.pt", "access.pt", "sepo.pt", "sepo_gf.pt", "samples_sepo.txt"):
         assert os.path.getsize(tmp_path / "a" / f) > 0, f
     assert not [f for f in os.listdir(tmp_path / "a") if ".tmp" in f]  # atomic writes leave no temp files
@@ -238,6 +246,8 @@ def test_pipeline_smoke_cached_and_reproducible(tmp_path, toy_data, capsys):
     saved = json.loads((tmp_path / "a" / "results.json").read_text())
     assert [h["iteration"] for h in saved["runs"]["SEPO"]["history"]] == [1, 2]
     assert [p["iteration"] for p in saved["runs"]["SEPO"]["probes"]] == [1, 2]  # ckpt_every 1: a probe each
+    docs_script("dna_tradeoff").main(str(tmp_path / "a"), out=str(tmp_path / "tradeoff.png"))  # the docs figure
+    assert os.path.getsize(tmp_path / "tradeoff.png") > 1000
     assert [b["N"] for b in saved["best_of_n"]] == [1, 2]
     capsys.readouterr()
     # second run: every stage comes from the cache and the numbers are identical
@@ -283,12 +293,8 @@ def test_paper_preset_and_overrides():
 
 
 def test_bf16_error_script():
-    """docs/bf16_error.py: bf16 autocast changes the path log-probs a little, and the fp32 leg is the ratio."""
-    spec = importlib.util.spec_from_file_location("bf16_error", os.path.join(os.path.dirname(__file__), "docs",
-                                                                             "bf16_error.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    out = mod.main([*TOY, "--warmup", "1", "--out", "/nonexistent"])
+    """docs/bf16_error.py: bf16 autocast changes the path log-probs a little, nowhere near a nat."""
+    out = docs_script("bf16_error").main([*TOY, "--warmup", "1", "--out", "/nonexistent"])
     assert 0 < out["path_lp_err"] < 1 and 0 <= out["log_r_err"] < 1 and 0 < out["log_r"] < 10
 
 

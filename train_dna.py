@@ -407,24 +407,15 @@ def report(cfg: Config, results: dict, bon: list, runs: dict, oracles: dict, sta
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(1, 3, figsize=(16, 4.2))
-    for name, run in history.items():
-        ax[0].plot([s["reward_mean"] for s in run["history"]], label=f"{name}: mean reward")
-        ax[0].plot([s["kl"] for s in run["history"]], ":", label=f"{name}: path KL")
-    ax[0].set(xlabel="SEPO iteration", title="fine-tuning oracle reward, KL to the pre-trained model"), ax[0].legend(fontsize=7)
-    for a, metric in zip(ax[1:], ("3-mer corr", "ATAC-Acc %")):
-        a.plot([b[metric] for b in bon], [b["Pred-Activity"] for b in bon], "s--", c="gray", label="best-of-N")
-        for b in bon:
-            a.annotate(f"N={b['N']}", (b[metric], b["Pred-Activity"]), fontsize=7)
+    fig, ax = plt.subplots(1, 3, figsize=(12, 3.2))
+    for a, key, title in zip(ax, ["reward_mean", "kl", "clip_frac"], ["mean reward R(x) of the rollouts",
+                                                                     "path KL to the pre-trained model", "clip fraction"]):
         for name, run in history.items():
-            a.plot([p[metric] for p in run["probes"]], [p["Pred-Activity"] for p in run["probes"]], "o-",
-                   label=f"{name}, every {cfg.ckpt_every} iterations")
-        for name in [n for n in results if n.startswith(("Pre-trained", "Data"))]:
-            a.plot(results[name][metric], results[name]["Pred-Activity"], "*", ms=12, label=name)
-        a.set(xlabel=metric, ylabel="Pred-Activity (evaluation oracle)")
-    ax[1].legend(fontsize=7)
-    fig.tight_layout(), fig.savefig(os.path.join(cfg.out, "tradeoff.png"), dpi=110), plt.close(fig)
-    print(f"[done] wrote {cfg.out}/results.md, results.json, tradeoff.png")
+            a.plot([s[key] for s in run["history"]], label=name)
+        a.set(title=title, xlabel="SEPO iteration"), a.legend(fontsize=7)
+    fig.tight_layout(), fig.savefig(os.path.join(cfg.out, "curves.png"), dpi=110), plt.close(fig)
+    print(f"[done] wrote {cfg.out}/results.md, results.json, curves.png; the trade-off figure: "
+          f"python docs/dna_tradeoff.py {cfg.out}")
 
 
 def bench(cfg: Config, device: torch.device) -> dict:

@@ -1,0 +1,46 @@
+"""The DNA trade-off figure from a finished train_dna.py run: docs/dna_tradeoff.png.
+
+    python train_dna.py                          # writes runs/dna/results.json
+    python docs/dna_tradeoff.py runs/dna         # -> docs/dna_tradeoff.png
+
+Left: each SEPO run's mean reward (fine-tuning oracle) and path KL per iteration. Middle and right: the
+evaluation oracle's Pred-Activity against 3-mer correlation and against ATAC-Acc for each run's checkpoints
+(a fresh draw every --ckpt-every iterations), best-of-N for N = 1, 2, 4, ... (pre-trained samples ranked by the
+fine-tuning oracle), the pre-trained model and the held-out data. Up and to the right is better.
+"""
+import json
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def main(run: str, out: str = os.path.join(os.path.dirname(__file__), "dna_tradeoff.png")) -> None:
+    r = json.load(open(os.path.join(run, "results.json")))
+    results, bon, runs, every = r["rows"], r["best_of_n"], r["runs"], r["config"]["ckpt_every"]
+    fig, ax = plt.subplots(1, 3, figsize=(16, 4.2))
+    for name, h in runs.items():
+        ax[0].plot([s["reward_mean"] for s in h["history"]], label=f"{name}: mean reward")
+        ax[0].plot([s["kl"] for s in h["history"]], ":", label=f"{name}: path KL")
+    ax[0].set(xlabel="SEPO iteration", title="fine-tuning oracle reward, KL to the pre-trained model")
+    ax[0].legend(fontsize=7)
+    for a, metric in zip(ax[1:], ("3-mer corr", "ATAC-Acc %")):
+        a.plot([b[metric] for b in bon], [b["Pred-Activity"] for b in bon], "s--", c="gray", label="best-of-N")
+        for b in bon:
+            a.annotate(f"N={b['N']}", (b[metric], b["Pred-Activity"]), fontsize=7)
+        for name, h in runs.items():
+            a.plot([p[metric] for p in h["probes"]], [p["Pred-Activity"] for p in h["probes"]], "o-",
+                   label=f"{name}, every {every} iterations")
+        for name in [n for n in results if n.startswith(("Pre-trained", "Data"))]:
+            a.plot(results[name][metric], results[name]["Pred-Activity"], "*", ms=12, label=name)
+        a.set(xlabel=metric, ylabel="Pred-Activity (evaluation oracle)")
+    ax[1].legend(fontsize=7)
+    fig.tight_layout(), fig.savefig(out, dpi=110), plt.close(fig)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
