@@ -1,6 +1,7 @@
 """Tests of train_text.py (CPU, seconds): HH-RLHF loader, prompt encoding, gold judge,
 reward model, prefix-conditioned sampling, and the whole pipeline at toy size."""
 import gzip
+import importlib.util
 import json
 import math
 import os
@@ -249,6 +250,16 @@ def test_pipeline_smoke_and_resume(tmp_path, capsys):
     assert res["examples"] and all(e["prompt"].endswith("[A]") for e in res["examples"])
     log = capsys.readouterr().out
     assert "[sepo] iter 2/2 reward" in log and "KL" in log and "clip" in log
+    # docs/text_tradeoff.py: the figure and table over runs, from the runs' results files
+    spec = importlib.util.spec_from_file_location("text_tradeoff", os.path.join(os.path.dirname(__file__), "docs",
+                                                                                 "text_tradeoff.py"))
+    fig = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fig)
+    fig.main([out], out=str(tmp_path / "tradeoff.png"))
+    table, sepo_row = capsys.readouterr().out, rows["SEPO (4 steps)"]
+    assert os.path.getsize(tmp_path / "tradeoff.png") > 1000
+    assert f"| 0.1 | {sepo_row['rm_score']:.3f} | {sepo_row['gold_win']:.3f} [" in table
+    assert f"| pre-trained | {rows['pre-trained']['rm_score']:.3f} |" in table
     # a second run with more iterations reuses every cached stage and resumes SEPO
     T.main([*TINY, "--out", out, "--iters", "3"])
     log = capsys.readouterr().out

@@ -6,11 +6,9 @@
     python train_text.py --data train.jsonl.gz    # a real HH-RLHF preference file
     python train_text.py --preset paper --bench   # time one SEPO iteration, print peak GPU memory
 
-Every stage is cached in --out and resumes: 1. HH-format pairs (default data/chatterbot_hh.jsonl.gz), split by
-prompt, a BPE tokenizer; 2. pre-train a transformer diffusion LM on the chosen responses, the prompt a fixed
-prefix (--graph masked: MDLM denoiser; uniform: SEDD scores); 3. a GPT-2-architecture reward model, Bradley-Terry
-on half of the pairs plus gold-labelled pairs of the LM's own responses; 4. SEPO with PPO advantages and the path
-KL; 5. on held-out prompts: reward, gold-judge win rate with a 95% interval over prompts, perplexity, distinct-n.
+Stages, each cached in --out and resumable: HH-format pairs and a BPE tokenizer (data/text.py), pre-training
+of the diffusion LM on the chosen responses, a GPT-2-architecture reward model, SEPO with PPO advantages, and an
+evaluation on held-out prompts (gold-judge win rate with a 95% interval over prompts, perplexity, distinct-n).
 docs/text.md describes the data, the judge and the measured results.
 """
 from __future__ import annotations

@@ -1,0 +1,53 @@
+"""The reward-naturalness trade-off of train_text.py over KL weights: docs/text_tradeoff.png.
+
+    for a in 0.0 0.03 0.1 0.3 1.0; do python train_text.py --kl-coef $a --out runs/text_kl$a; done
+    python docs/text_tradeoff.py runs/text_kl*         # -> docs/text_tradeoff.png and a markdown table
+
+Copy pretrain.pt, reward_model_steps16.pt, policy_pairs_steps16.pt and tokenizer.json of the first run into
+the other --out folders before starting them: the runs then share the pre-trained LM and the reward model, and
+only SEPO and the evaluation run again. Each point is one run: the gold judge's win rate against the
+pre-trained model (95% bootstrap interval over prompts) and the reward-model score, against the perplexity
+of the samples under the pre-trained model.
+"""
+import json
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def main(folders: list[str], out: str = os.path.join(os.path.dirname(__file__), "text_tradeoff.png")) -> None:
+    runs = []
+    for d in folders:
+        name = next(f for f in sorted(os.listdir(d)) if f.startswith("results_steps") and f.endswith(".json"))
+        r = json.load(open(os.path.join(d, name)))
+        runs.append((r["config"]["kl_coef"], {row["model"].split(" (")[0]: row for row in r["rows"]}))
+    runs.sort(key=lambda run: run[0])
+    pre = runs[0][1]["pre-trained"]
+    print("| alpha | RM score | gold win rate [95% CI] | perplexity | distinct-1 |\n|---|---|---|---|---|")
+    for a, rows in [("pre-trained", {"SEPO": pre})] + runs:
+        s = rows["SEPO"]
+        print(f"| {a} | {s['rm_score']:.3f} | {s['gold_win']:.3f} [{s['gold_win_ci'][0]:.3f}, "
+              f"{s['gold_win_ci'][1]:.3f}] | {s['perplexity']:.1f} | {s['distinct_1']:.3f} |")
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
+    for a, key, label in ((ax[0], "gold_win", "gold win rate vs pre-trained"), (ax[1], "rm_score", "reward-model score")):
+        ppl, y = [rows["SEPO"]["perplexity"] for _, rows in runs], [rows["SEPO"][key] for _, rows in runs]
+        err = None
+        if key == "gold_win":
+            err = [[v - rows["SEPO"]["gold_win_ci"][0] for v, (_, rows) in zip(y, runs)],
+                   [rows["SEPO"]["gold_win_ci"][1] - v for v, (_, rows) in zip(y, runs)]]
+        a.errorbar(ppl, y, yerr=err, fmt="o-", capsize=3, label="SEPO, one run per KL weight")
+        for (alpha, _), x_, y_ in zip(runs, ppl, y):
+            a.annotate(f"alpha={alpha:g}", (x_, y_), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        a.plot(pre["perplexity"], pre[key], "*", ms=12, c="gray", label="pre-trained (second draw)")
+        a.set(xscale="log", xlabel="perplexity under the pre-trained LM (log scale)", ylabel=label)
+    ax[0].legend(fontsize=8)
+    fig.tight_layout(), fig.savefig(out, dpi=110), plt.close(fig)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
