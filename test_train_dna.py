@@ -292,6 +292,16 @@ def test_paper_preset_and_overrides():
     assert T.parse_args([]).steps == T.Config().steps
 
 
+def test_bad_settings_fail_before_any_work(tmp_path, capsys):
+    for bad in (["--grad", "pathh"], ["--preset", "huge"], ["--amp", "fp16"]):
+        with pytest.raises(SystemExit):
+            T.main([*bad, "--out", str(tmp_path / "x")])
+        assert "invalid choice" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="group_size must be >= 1"):
+        T.main(["--group", "0", "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
+
+
 def test_bf16_error_script():
     """docs/bf16_error.py: bf16 autocast changes the path log-probs a little, nowhere near a nat."""
     out = docs_script("bf16_error").main([*TOY, "--warmup", "1", "--out", "/nonexistent"])

@@ -218,6 +218,16 @@ def test_presets_and_policy_pairs_with_a_real_file():
     assert T.parse_args(["--data", "x.jsonl", "--policy-pairs", "2"]).policy_pairs == 2
 
 
+def test_bad_settings_fail_before_any_work(tmp_path, capsys):
+    for bad in (["--graph", "unifrom"], ["--baseline", "mean"], ["--long-prompts", "cut"]):
+        with pytest.raises(SystemExit):
+            T.main([*bad, "--out", str(tmp_path / "x")])
+        assert "invalid choice" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="kl_steps must be in"):
+        T.main(["--kl-steps", "-1", "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
+
+
 def test_bootstrap_interval_over_prompts():
     rng = np.random.default_rng(0)
     small, large = rng.random(20), rng.random(2000)

@@ -34,13 +34,13 @@ from data.dna import (CELL_TYPES, SEQ_LEN, DnaData, auroc, decode_sequences, hep
 # ---------------------------------------------------------------------------- configuration
 
 
-def arg(default, help: str):
-    return dataclasses.field(default=default, metadata={"help": help})
+def arg(default, help: str, choices: Optional[tuple] = None):
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclasses.dataclass
 class Config:
-    preset: str = arg("cpu", "cpu (laptop, minutes), gpu (one GPU), paper (the paper's settings) or tiny (tests)")
+    preset: str = arg("cpu", "laptop minutes, one GPU, the paper's settings, tests", ("cpu", "gpu", "paper", "tiny"))
     data: str = arg("", "'' = the vendored ENCODE DHS file; .csv(.gz) = a Gosai table seq,hepg2,k562,sknsh[,chr]")
     out: str = arg("runs/dna", "output folder: cached stages, checkpoints, table, plots, samples")
     seed: int = arg(0, "seed of every stage (runs are reproducible)")
@@ -75,11 +75,11 @@ class Config:
     steps: int = arg(16, "sampler steps (rollouts and evaluation)")
     corrector_steps: int = arg(1, "corrector steps per sampler step of the 'SEPO with GF' run (0: skip that run)")
     pl_positions: int = arg(32, "--grad pl: masked positions per sample")
-    grad: str = arg("pl", "grad log pi estimator: pl (the paper's), path or rollout (docs/math.md §3-4)")
-    ratio: str = arg("snis", "importance ratio: snis (the paper's) or rollout (docs/math.md §5)")
+    grad: str = arg("pl", "grad log pi estimator (pl: the paper's; docs/math.md §3-4)", ("pl", "path", "rollout"))
+    ratio: str = arg("snis", "importance ratio (snis: the paper's; docs/math.md §5)", ("snis", "rollout"))
     path_steps: int = arg(0, "--grad path/rollout: transitions with gradient per path (0: all)")
     micro_batch: int = arg(0, "samples per gradient pass (0: all); bounds memory, same update")
-    amp: str = arg("none", "none or bf16 (autocast of the rollout and gradient passes)")
+    amp: str = arg("none", "bf16: autocast of the rollout and gradient passes", ("none", "bf16"))
     ckpt_every: int = arg(10, "SEPO iterations between checkpoints (each also evaluated for the trade-off plot)")
     n_eval: int = arg(640, "samples per evaluated model (paper: 640)")
     bon_max: int = arg(8, "best-of-N curve for N = 1, 2, 4, ..., bon_max")
@@ -110,9 +110,9 @@ def parse_args(argv: Optional[list[str]] = None) -> Config:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     types = {"int": int, "float": float, "str": str}
     for f in dataclasses.fields(Config):
-        kind = dict(action="store_true", default=None) if f.type == "bool" else dict(type=types[f.type])
-        p.add_argument("--" + f.name.replace("_", "-"), help=f"{f.metadata['help']} (default: {f.default!r})", **kind,
-                       **(dict(choices=sorted(PRESETS)) if f.name == "preset" else {}))
+        kind = (dict(action="store_true", default=None) if f.type == "bool" else
+                dict(type=types[f.type], choices=f.metadata["choices"]))
+        p.add_argument("--" + f.name.replace("_", "-"), help=f"{f.metadata['help']} (default: {f.default!r})", **kind)
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     return Config(**{**PRESETS[given.get("preset", "cpu")], **given})
 
@@ -443,6 +443,7 @@ def bench(cfg: Config, device: torch.device) -> dict:
 
 def main(argv: Optional[list[str]] = None) -> dict:
     cfg = parse_args(argv)
+    sepo_config(cfg, cfg.corrector_steps)  # a bad SEPO setting fails now, not after pre-training
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -35,13 +35,13 @@ from data.text import (DEFAULT_PAIRS, PAD, TextData, bootstrap_ci, decode, disti
 # ---------------------------------------------------------------------------- configuration
 
 
-def arg(default, help: str):
-    return dataclasses.field(default=default, metadata={"help": help})
+def arg(default, help: str, choices: Optional[tuple] = None):
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclasses.dataclass
 class Config:
-    preset: str = arg("cpu", "cpu (laptop, minutes), gpu (one GPU), paper (the paper's settings) or tiny (tests)")
+    preset: str = arg("cpu", "laptop minutes, one GPU, the paper's settings, tests", ("cpu", "gpu", "paper", "tiny"))
     data: str = arg("", "HH-RLHF preference file (.jsonl or .jsonl.gz); '' = data/chatterbot_hh.jsonl.gz")
     out: str = arg("runs/text", "output folder: cached stages, checkpoints, table, plots, examples")
     seed: int = arg(0, "seed of every stage (runs are reproducible)")
@@ -49,8 +49,9 @@ class Config:
     threads: int = arg(0, "torch CPU threads (0: torch's default)")
     bench: bool = arg(False, "only time one SEPO iteration with untrained models and exit")
     max_pairs: int = arg(0, "use at most this many pairs of --data (a seeded subsample; 0: all)")
-    long_prompts: str = arg("skip", "a pair whose prompt is longer than --prompt-len: skip it (counted), or error")
-    graph: str = arg("masked", "masked (sepo.Masked + LogLinear, MDLM denoiser) or uniform (sepo.Uniform + Geometric)")
+    long_prompts: str = arg("skip", "a pair whose prompt is longer than --prompt-len: skip (counted) or error", ("skip", "error"))
+    graph: str = arg("masked", "masked: sepo.Masked + LogLinear (MDLM); uniform: sepo.Uniform + Geometric (SEDD)",
+                     ("masked", "uniform"))
     vocab: int = arg(2048, "BPE vocabulary size, special tokens included")
     prompt_len: int = arg(20, "prompt block length in tokens (prompts are left-padded)")
     response_len: int = arg(16, "response length in tokens (longer responses are cut)")
@@ -80,12 +81,13 @@ class Config:
     steps: int = arg(16, "sampler steps in rollouts and evaluation (the paper: 128 and 1024)")
     corrector_steps: int = arg(0, "gradient-flow corrector steps per sampler step")
     pl_positions: int = arg(8, "--grad pl, masked graph: response positions per sample")
-    grad: str = arg("pl", "grad log pi estimator: pl (the paper's), path or rollout (docs/math.md §3-4)")
-    ratio: str = arg("snis", "importance ratio: snis (the paper's) or rollout (docs/math.md §5)")
+    grad: str = arg("pl", "grad log pi estimator (pl: the paper's; docs/math.md §3-4)", ("pl", "path", "rollout"))
+    ratio: str = arg("snis", "importance ratio (snis: the paper's; docs/math.md §5)", ("snis", "rollout"))
     path_steps: int = arg(0, "--grad path/rollout: transitions with gradient per path (0: all)")
     micro_batch: int = arg(0, "samples per gradient pass (0: all); bounds memory, same update")
-    amp: str = arg("none", "none or bf16 (autocast of the rollout and gradient passes)")
-    baseline: str = arg("group", "PPO advantage A = R - b: b = mean reward of the prompt's group, batch, or running")
+    amp: str = arg("none", "bf16: autocast of the rollout and gradient passes", ("none", "bf16"))
+    baseline: str = arg("group", "PPO advantage A = R - b, b the mean reward of the prompt's group, the batch or a running mean",
+                        ("group", "batch", "running"))
     t_eval: float = arg(0.0, "--grad pl: time of the score pass (0: one sampler step, 1 / steps)")
     ckpt_every: int = arg(5, "SEPO iterations between checkpoints")
     eval_prompts: int = arg(128, "held-out prompts evaluated (at most all of them)")
@@ -117,9 +119,9 @@ def parse_args(argv: Optional[list[str]] = None) -> Config:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     types = {"int": int, "float": float, "str": str}
     for f in dataclasses.fields(Config):
-        kind = dict(action="store_true", default=None) if f.type == "bool" else dict(type=types[f.type])
-        p.add_argument("--" + f.name.replace("_", "-"), help=f"{f.metadata['help']} (default: {f.default!r})", **kind,
-                       **(dict(choices=sorted(PRESETS)) if f.name == "preset" else {}))
+        kind = (dict(action="store_true", default=None) if f.type == "bool" else
+                dict(type=types[f.type], choices=f.metadata["choices"]))
+        p.add_argument("--" + f.name.replace("_", "-"), help=f"{f.metadata['help']} (default: {f.default!r})", **kind)
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     cfg = Config(**{**PRESETS[given.get("preset", "cpu")], **given})
     if cfg.data and "policy_pairs" not in given:
@@ -444,6 +446,7 @@ def bench(cfg: Config, device: torch.device) -> dict:
 
 def main(argv: Optional[list[str]] = None) -> dict:
     cfg = parse_args(argv)
+    sepo_config(cfg)  # a bad SEPO setting fails now, not after pre-training
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
