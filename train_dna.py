@@ -40,7 +40,8 @@ def arg(default, help: str, choices: Optional[tuple] = None):
 
 @dataclasses.dataclass
 class Config:
-    preset: str = arg("cpu", "laptop minutes, one GPU, the paper's settings, tests", ("cpu", "gpu", "paper", "tiny"))
+    preset: str = arg("cpu", "cpu: minutes on a laptop; gpu: one GPU; paper: the paper's settings; tiny: tests",
+                      ("cpu", "gpu", "paper", "tiny"))
     data: str = arg("", "'' = the vendored ENCODE DHS file; .csv(.gz) = a Gosai table seq,hepg2,k562,sknsh[,chr]")
     out: str = arg("runs/dna", "output folder: cached stages, checkpoints, table, plots, samples")
     seed: int = arg(0, "seed of every stage (runs are reproducible)")

@@ -41,7 +41,8 @@ def arg(default, help: str, choices: Optional[tuple] = None):
 
 @dataclasses.dataclass
 class Config:
-    preset: str = arg("cpu", "laptop minutes, one GPU, the paper's settings, tests", ("cpu", "gpu", "paper", "tiny"))
+    preset: str = arg("cpu", "cpu: minutes on a laptop; gpu: one GPU; paper: the paper's settings; tiny: tests",
+                      ("cpu", "gpu", "paper", "tiny"))
     data: str = arg("", "HH-RLHF preference file (.jsonl or .jsonl.gz); '' = data/chatterbot_hh.jsonl.gz")
     out: str = arg("runs/text", "output folder: cached stages, checkpoints, table, plots, examples")
     seed: int = arg(0, "seed of every stage (runs are reproducible)")
