@@ -44,6 +44,9 @@ def main(folders: list[str], out: str = os.path.join(os.path.dirname(__file__), 
             a.annotate(f"alpha={alpha:g}", (x_, y_), textcoords="offset points", xytext=(4, 4), fontsize=8)
         a.plot(pre["perplexity"], pre[key], "*", ms=12, c="gray", label="pre-trained (second draw)")
         a.set(xscale="log", xlabel="perplexity under the pre-trained LM (log scale)", ylabel=label)
+        ticks = [t for t in (20, 50, 100, 200, 500, 1000, 2000) if min(ppl + [pre["perplexity"]]) / 1.5 < t
+                 < max(ppl) * 1.5]
+        a.minorticks_off(), a.set_xticks(ticks, [str(t) for t in ticks])
     ax[0].legend(fontsize=8)
     fig.tight_layout(), fig.savefig(out, dpi=110), plt.close(fig)
     print(f"wrote {out}")
