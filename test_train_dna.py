@@ -246,7 +246,7 @@ def test_pipeline_smoke_cached_and_reproducible(tmp_path, toy_data, capsys):
     saved = json.loads((tmp_path / "a" / "results.json").read_text())
     assert [h["iteration"] for h in saved["runs"]["SEPO"]["history"]] == [1, 2]
     assert [p["iteration"] for p in saved["runs"]["SEPO"]["probes"]] == [1, 2]  # ckpt_every 1: a probe each
-    docs_script("dna_tradeoff").main(str(tmp_path / "a"), out=str(tmp_path / "tradeoff.png"))  # the docs figure
+    docs_script("dna_tradeoff").main(*[str(tmp_path / "a")] * 2, out=str(tmp_path / "tradeoff.png"))  # + a point
     assert os.path.getsize(tmp_path / "tradeoff.png") > 1000
     assert [b["N"] for b in saved["best_of_n"]] == [1, 2]
     capsys.readouterr()

@@ -2,11 +2,13 @@
 
     python train_dna.py                          # writes runs/dna/results.json
     python docs/dna_tradeoff.py runs/dna         # -> docs/dna_tradeoff.png
+    python docs/dna_tradeoff.py runs/dna runs/dna_kl0.05 ...   # and the final SEPO row of other runs, as points
 
 Left: each SEPO run's mean reward (fine-tuning oracle) and path KL per iteration. Middle and right: the
 evaluation oracle's Pred-Activity against 3-mer correlation and against ATAC-Acc for each run's checkpoints
 (a fresh draw every --ckpt-every iterations), best-of-N for N = 1, 2, 4, ... (pre-trained samples ranked by the
-fine-tuning oracle), the pre-trained model and the held-out data. Up and to the right is better.
+fine-tuning oracle), the pre-trained model and the held-out data. Up and to the right is better. Further runs
+(other KL weights or estimators, from the same pre-trained models) add their final SEPO row as a labelled point.
 """
 import json
 import os
@@ -18,8 +20,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def main(run: str, out: str = os.path.join(os.path.dirname(__file__), "dna_tradeoff.png")) -> None:
+def main(run: str, *more: str, out: str = os.path.join(os.path.dirname(__file__), "dna_tradeoff.png")) -> None:
     r = json.load(open(os.path.join(run, "results.json")))
+    points = []  # (label, SEPO row) of the further runs
+    for d in more:
+        c, row = (lambda m: (m["config"], m["rows"]["SEPO"]))(json.load(open(os.path.join(d, "results.json"))))
+        points.append((f"{c['grad']}/{c['ratio']}, alpha {c['kl_coef']:g}, KL over {c['kl_steps']} steps", row))
     results, bon, runs, every = r["rows"], r["best_of_n"], r["runs"], r["config"]["ckpt_every"]
     fig, ax = plt.subplots(1, 3, figsize=(16, 4.2))
     for name, h in runs.items():
@@ -34,11 +40,14 @@ def main(run: str, out: str = os.path.join(os.path.dirname(__file__), "dna_trade
         for name, h in runs.items():
             a.plot([p[metric] for p in h["probes"]], [p["Pred-Activity"] for p in h["probes"]], "o-",
                    label=f"{name}, every {every} iterations")
+        for (label, row), marker in zip(points, "^v<>Dpxh+*"):
+            a.plot(row[metric], row["Pred-Activity"], marker, ms=7, label=label)
         for name in [n for n in results if n.startswith(("Pre-trained", "Data"))]:
             a.plot(results[name][metric], results[name]["Pred-Activity"], "*", ms=12, label=name)
         a.set(xlabel=metric, ylabel="Pred-Activity (evaluation oracle)")
-    ax[1].legend(fontsize=7)
-    fig.tight_layout(), fig.savefig(out, dpi=110), plt.close(fig)
+    fig.tight_layout()
+    fig.legend(*ax[1].get_legend_handles_labels(), fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.savefig(out, dpi=110, bbox_inches="tight"), plt.close(fig)
     print(f"wrote {out}")
 
 
