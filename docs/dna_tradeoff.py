@@ -20,11 +20,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def load(run: str) -> dict:
+    with open(os.path.join(run, "results.json")) as f:
+        return json.load(f)
+
+
 def main(run: str, *more: str, out: str = os.path.join(os.path.dirname(__file__), "dna_tradeoff.png")) -> None:
-    r = json.load(open(os.path.join(run, "results.json")))
-    points = []  # (label, SEPO row) of the further runs
-    for d in more:
-        c, row = (lambda m: (m["config"], m["rows"]["SEPO"]))(json.load(open(os.path.join(d, "results.json"))))
+    r = load(run)
+    points = []  # (label, final SEPO row) of the further runs
+    for c, row in ((m["config"], m["rows"]["SEPO"]) for m in map(load, more)):
         points.append((f"{c['grad']}/{c['ratio']}, alpha {c['kl_coef']:g}, KL over {c['kl_steps']} steps", row))
     results, bon, runs, every = r["rows"], r["best_of_n"], r["runs"], r["config"]["ckpt_every"]
     fig, ax = plt.subplots(1, 3, figsize=(16, 4.2))
@@ -52,4 +56,6 @@ def main(run: str, *more: str, out: str = os.path.join(os.path.dirname(__file__)
 
 
 if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        raise SystemExit("usage: python docs/dna_tradeoff.py RUN_FOLDER [FURTHER_RUN_FOLDER ...]")
     main(*sys.argv[1:])

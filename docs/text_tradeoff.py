@@ -20,10 +20,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def main(folders: list[str], out: str = os.path.join(os.path.dirname(__file__), "text_tradeoff.png")) -> None:
+    if not folders:
+        raise SystemExit("usage: python docs/text_tradeoff.py RUN_FOLDER [RUN_FOLDER ...]")
     runs = []
     for d in folders:
         name = next(f for f in sorted(os.listdir(d)) if f.startswith("results_steps") and f.endswith(".json"))
-        r = json.load(open(os.path.join(d, name)))
+        with open(os.path.join(d, name)) as f:
+            r = json.load(f)
         runs.append((r["config"]["kl_coef"], {row["model"].split(" (")[0]: row for row in r["rows"]}))
     runs.sort(key=lambda run: run[0])
     pre = runs[0][1]["pre-trained"]
