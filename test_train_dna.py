@@ -249,7 +249,10 @@ def test_pipeline_smoke_cached_and_reproducible(tmp_path, toy_data, capsys):
     docs_script("dna_tradeoff").main(*[str(tmp_path / "a")] * 2, out=str(tmp_path / "tradeoff.png"))  # + a point
     assert os.path.getsize(tmp_path / "tradeoff.png") > 1000
     assert [b["N"] for b in saved["best_of_n"]] == [1, 2]
-    capsys.readouterr()
+    weak = {k for k, r in saved["oracles"].items()
+            if k != "agreement" and any(m.endswith("auroc") and v < 0.6 for m, v in r.items())}
+    log = capsys.readouterr().out
+    assert {k for k in saved["oracles"] if f"WARNING: {k} is near chance" in log} == weak  # a warning per weak model
     # second run: every stage comes from the cache and the numbers are identical
     again = run(tmp_path / "a", toy_data, "--iters", "2")
     log = capsys.readouterr().out
