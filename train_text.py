@@ -50,7 +50,8 @@ class Config:
     threads: int = arg(0, "torch CPU threads (0: torch's default)")
     bench: bool = arg(False, "only time one SEPO iteration with untrained models and exit")
     max_pairs: int = arg(0, "use at most this many pairs of --data (a seeded subsample; 0: all)")
-    long_prompts: str = arg("skip", "a pair whose prompt is longer than --prompt-len: skip (counted) or error", ("skip", "error"))
+    long_prompts: str = arg("skip", "a pair whose prompt is longer than --prompt-len: skip (counted) or error",
+                            ("skip", "error"))
     graph: str = arg("masked", "masked: sepo.Masked + LogLinear (MDLM); uniform: sepo.Uniform + Geometric (SEDD)",
                      ("masked", "uniform"))
     vocab: int = arg(2048, "BPE vocabulary size, special tokens included")
@@ -87,8 +88,8 @@ class Config:
     path_steps: int = arg(0, "--grad path/rollout: transitions with gradient per path (0: all)")
     micro_batch: int = arg(0, "samples per gradient pass (0: all); bounds memory, same update")
     amp: str = arg("none", "bf16: autocast of the rollout and gradient passes", ("none", "bf16"))
-    baseline: str = arg("group", "PPO advantage A = R - b, b the mean reward of the prompt's group, the batch or a running mean",
-                        ("group", "batch", "running"))
+    baseline: str = arg("group", "PPO advantage A = R - b, b the mean reward of the prompt's group, the batch or "
+                                 "a running mean", ("group", "batch", "running"))
     t_eval: float = arg(0.0, "--grad pl: time of the score pass (0: one sampler step, 1 / steps)")
     ckpt_every: int = arg(5, "SEPO iterations between checkpoints")
     eval_prompts: int = arg(128, "held-out prompts evaluated (at most all of them)")
