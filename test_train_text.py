@@ -241,6 +241,13 @@ def test_bootstrap_interval_over_prompts():
 TINY = ["--preset", "tiny", "--threads", "1"]
 
 
+def test_bench_times_one_step_and_writes_nothing(tmp_path, capsys):
+    out = T.main([*TINY, "--bench", "--micro-batch", "2", "--out", str(tmp_path / "b")])
+    log = capsys.readouterr().out
+    assert 0 < out["step_s"] < 60 and "one trainer.step()" in log and "micro_batch=2" in log
+    assert not (tmp_path / "b").exists()  # a benchmark leaves no run folder behind
+
+
 @pytest.mark.slow
 def test_pipeline_smoke_and_resume(tmp_path, capsys):
     out = str(tmp_path / "run")
