@@ -438,7 +438,8 @@ def bench(cfg: Config, device: torch.device) -> dict:
         trainer.step()
         if cuda:
             torch.cuda.synchronize()
-        out[f"step_s_gf{gf}"], mem = time.perf_counter() - tic, torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
+        out[f"step_s_gf{gf}"] = time.perf_counter() - tic
+        mem = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
         print(f"[bench] {cfg.batch}x{cfg.group} samples, {cfg.steps} steps, corrector_steps={gf}, grad={cfg.grad}, "
               f"ratio={cfg.ratio}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter denoiser on "
               f"{device}: one trainer.step() {out[f'step_s_gf{gf}']:.2f}s, peak GPU memory {mem:.2f} GiB", flush=True)
