@@ -264,6 +264,11 @@ def test_pipeline_smoke_cached_and_reproducible(tmp_path, toy_data, capsys):
     # a checkpoint made with other settings is refused, not silently reused
     with pytest.raises(ValueError, match="other settings"):
         run(tmp_path / "a", toy_data, "--iters", "2", "--pretrain-lr", "0.1")
+    # another --access-epochs concerns the accessibility CNN only: the Enformer oracles stay cached
+    capsys.readouterr()
+    with pytest.raises(ValueError, match=r"access.pt was made with other settings \{'access_epochs'"):
+        run(tmp_path / "a", toy_data, "--iters", "2", "--access-epochs", "2")
+    assert "[ft_oracle] cached" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -285,6 +290,7 @@ def test_help_documents_every_flag(capsys):
     text = capsys.readouterr().out
     for f in T.dataclasses.fields(T.Config):
         assert "--" + f.name.replace("_", "-") in text, f.name
+        assert type(f.default).__name__ == f.type, f"{f.name}: the flag parses as its default's type"
 
 
 def test_paper_preset_and_overrides():

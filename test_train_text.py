@@ -207,6 +207,7 @@ def test_help_documents_every_flag(capsys):
     text = capsys.readouterr().out
     for f in T.dataclasses.fields(T.Config):
         assert "--" + f.name.replace("_", "-") in text, f.name
+        assert type(f.default).__name__ == f.type, f"{f.name}: the flag parses as its default's type"
     for preset in T.PRESETS.values():
         assert set(preset) <= {f.name for f in T.dataclasses.fields(T.Config)}
 

@@ -64,6 +64,7 @@ class Config:
     oracle_epochs: float = arg(2.0, "epochs over its half of the training chromosomes, per oracle")
     oracle_batch: int = arg(128, "oracle batch size")
     oracle_lr: float = arg(2e-3, "oracle AdamW learning rate (cosine decay)")
+    access_epochs: float = arg(6.0, "epochs of the accessibility CNN (its loss plateaus first; docs/dna.md)")
     iters: int = arg(40, "SEPO iterations per fine-tuned model")
     lr: float = arg(3e-4, "SEPO Adam learning rate")
     batch: int = arg(4, "SEPO groups per iteration")
@@ -97,22 +98,21 @@ PRESETS = {
     # The paper's settings (docs/math.md §10); the denoiser follows the DRAKES CNN layout.
     "paper": dict(hidden=128, stacks=4, pretrain_steps=100_000, pretrain_batch=256, pretrain_lr=1e-3,
                   val_every=5000, oracle_dim=192, oracle_depth=4, oracle_heads=8, oracle_downsamples=3,
-                  oracle_epochs=10, oracle_lr=5e-4, iters=500, lr=1e-4, batch=8, group=8, epochs=2, clip_eps=0.2,
-                  kl_coef=0.05, kl_steps=10, snis=4, steps=128, pl_positions=16, ckpt_every=25, bon_max=64,
-                  elbo_t=16),
+                  oracle_epochs=10, oracle_lr=5e-4, access_epochs=10, iters=500, lr=1e-4, batch=8, group=8,
+                  epochs=2, clip_eps=0.2, kl_coef=0.05, kl_steps=10, snis=4, steps=128, pl_positions=16,
+                  ckpt_every=25, bon_max=64, elbo_t=16),
     "tiny": dict(hidden=8, pretrain_steps=4, pretrain_batch=8, val_every=2, oracle_dim=12, oracle_downsamples=3,
-                 oracle_epochs=1, oracle_batch=16, iters=2, batch=2, group=2, steps=3, kl_steps=2, pl_positions=2,
-                 ckpt_every=1, n_eval=6, bon_max=2, elbo_t=2),
+                 oracle_epochs=1, access_epochs=1, oracle_batch=16, iters=2, batch=2, group=2, steps=3, kl_steps=2,
+                 pl_positions=2, ckpt_every=1, n_eval=6, bon_max=2, elbo_t=2),
 }
 
 
 def parse_args(argv: Optional[list[str]] = None) -> Config:
     """Flags from the Config fields: an explicit flag wins over --preset, which wins over the field's default."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    types = {"int": int, "float": float, "str": str}
     for f in dataclasses.fields(Config):
         kind = (dict(action="store_true", default=None) if f.type == "bool" else
-                dict(type=types[f.type], choices=f.metadata["choices"]))
+                dict(type=type(f.default), choices=f.metadata["choices"]))
         p.add_argument("--" + f.name.replace("_", "-"), help=f"{f.metadata['help']} (default: {f.default!r})", **kind)
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     return Config(**{**PRESETS[given.get("preset", "cpu")], **given})
@@ -286,20 +286,23 @@ def train_oracles(cfg: Config, train: DnaData, test: DnaData, device) -> tuple[d
         torch.manual_seed(cfg.seed + 10 + j)
         if name == "access":  # balanced classes: p > 0.5 means "HepG2 more likely than not"
             m, y = AccessibilityCNN().to(device), part.hepg2().float().to(device)
-            loss = lambda out, t, w=(1 - y).sum() / y.sum().clamp(min=1): F.binary_cross_entropy_with_logits(out, t, pos_weight=w)
+            w = (1 - y).sum() / y.sum().clamp(min=1)
+            loss = lambda out, t: F.binary_cross_entropy_with_logits(out, t, pos_weight=w)
             held_out = lambda m: {"test_auroc": auroc(predict(m, test.x), test.hepg2())}
+            epochs, settings = cfg.access_epochs, keys(cfg, "access_epochs", "oracle_batch", "oracle_lr")
         else:
             m, y = EnformerOracle(len(CELL_TYPES) if encode else 3, cfg.oracle_dim, cfg.oracle_depth, cfg.oracle_heads,
                                   cfg.oracle_downsamples).to(device), part.y
             loss = F.cross_entropy if encode else F.mse_loss
             held_out = lambda m: ({"test_hepg2_auroc": auroc(hepg2_score(predict(m, test.x), "encode"), test.hepg2())}
                                   if encode else {"test_hepg2_pearson": pearson(predict(m, test.x)[:, 0], test.y[:, 0])})
+            epochs, settings = cfg.oracle_epochs, keys(cfg, "oracle_dim", "oracle_depth", "oracle_heads",
+                                                       "oracle_downsamples", "oracle_epochs", "oracle_batch", "oracle_lr")
         xo, yo = part.x.to(device), y.to(device)
         report[name] = train_loop(name, m, lambda i, g, m=m, f=loss, xo=xo, yo=yo: f(m(xo[i]), yo[i]), len(part),
-                                  max(1, round(cfg.oracle_epochs * len(part) / cfg.oracle_batch)), cfg.oracle_batch,
-                                  cfg.oracle_lr, os.path.join(cfg.out, f"{name}.pt"), keys(cfg, "oracle_dim",
-                                  "oracle_depth", "oracle_heads", "oracle_downsamples", "oracle_epochs", "oracle_batch",
-                                  "oracle_lr"), cfg.seed + 10 + j, 0, lambda m=m, h=held_out: h(m))
+                                  max(1, round(epochs * len(part) / cfg.oracle_batch)), cfg.oracle_batch, cfg.oracle_lr,
+                                  os.path.join(cfg.out, f"{name}.pt"), settings, cfg.seed + 10 + j, 0,
+                                  lambda m=m, h=held_out: h(m))
         models[name] = m.eval().requires_grad_(False)
         if any(k.endswith("auroc") and v < 0.6 for k, v in report[name].items()):  # seeds differ: docs/dna.md
             print(f"[oracles] WARNING: {name} is near chance on {cfg.test_chrom} ({fmt(report[name])}); "
@@ -324,8 +327,8 @@ def finetune(cfg: Config, pretrained: nn.Module, reward_fn, corrector_steps: int
     scfg = sepo_config(cfg, corrector_steps)
     trainer = sepo.SEPO(copy.deepcopy(pretrained).requires_grad_(True), sepo.Masked(4), sepo.LogLinear(), reward_fn,
                         SEQ_LEN, scfg, ref_model=pretrained)
-    path, settings = os.path.join(cfg.out, f"{tag}.pt"), {**keys(cfg, "hidden", "stacks", "pretrain_steps",
-                     "oracle_dim", "oracle_depth", "oracle_epochs", "ckpt_every", "n_eval"), **dataclasses.asdict(scfg)}
+    path, settings = os.path.join(cfg.out, f"{tag}.pt"), {**keys(cfg, "hidden", "stacks", "pretrain_steps", "oracle_dim",
+                     "oracle_depth", "oracle_epochs", "access_epochs", "ckpt_every", "n_eval"), **dataclasses.asdict(scfg)}
     ck, history, probes = load_ckpt(path, settings), [], []
     if ck is not None:
         trainer.load_state_dict(ck["trainer"])
@@ -408,16 +411,15 @@ def report(cfg: Config, results: dict, bon: list, runs: dict, oracles: dict, sta
     save_atomic(table + "\n", os.path.join(cfg.out, "results.md"))
     save_atomic(json.dumps({"config": dataclasses.asdict(cfg), "rows": results, "best_of_n": bon, "oracles": oracles,
                             "stage_seconds": stamps, "runs": history}, indent=1), os.path.join(cfg.out, "results.json"))
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(1, 3, figsize=(12, 3.2))
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
+    fig = Figure(figsize=(12, 3.2))
+    ax = fig.subplots(1, 3)
     for a, key, title in zip(ax, ["reward_mean", "kl", "clip_frac"], ["mean reward R(x) of the rollouts",
                                                                      "path KL to the pre-trained model", "clip fraction"]):
         for name, run in history.items():
             a.plot([s[key] for s in run["history"]], label=name)
         a.set(title=title, xlabel="SEPO iteration"), a.legend(fontsize=7)
-    fig.tight_layout(), fig.savefig(os.path.join(cfg.out, "curves.png"), dpi=110), plt.close(fig)
+    fig.tight_layout(), fig.savefig(os.path.join(cfg.out, "curves.png"), dpi=110)
     print(f"[done] wrote {cfg.out}/results.md, results.json, curves.png; the trade-off figure: "
           f"python docs/dna_tradeoff.py {cfg.out}")
 
@@ -428,16 +430,14 @@ def bench(cfg: Config, device: torch.device) -> dict:
     torch.manual_seed(cfg.seed)
     model = DilatedCNNDenoiser(cfg.hidden, cfg.stacks).to(device)
     oracle = EnformerOracle(4, cfg.oracle_dim, cfg.oracle_depth, cfg.oracle_heads, cfg.oracle_downsamples).to(device)
-    out, cuda = {}, device.type == "cuda"
+    cuda, out = device.type == "cuda", {}
+    sync = torch.cuda.synchronize if cuda else lambda: None
     for gf in sorted({0, cfg.corrector_steps}):
         trainer = sepo.SEPO(model, sepo.Masked(4), sepo.LogLinear(), lambda x: hepg2_score(predict(oracle, x), "encode"),
                             SEQ_LEN, sepo_config(cfg, gf))
-        if cuda:
-            torch.cuda.synchronize(), torch.cuda.reset_peak_memory_stats()
+        sync(), torch.cuda.reset_peak_memory_stats() if cuda else None
         tic = time.perf_counter()
-        trainer.step()
-        if cuda:
-            torch.cuda.synchronize()
+        trainer.step(), sync()
         out[f"step_s_gf{gf}"] = time.perf_counter() - tic
         mem = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
         print(f"[bench] {cfg.batch}x{cfg.group} samples, {cfg.steps} steps, corrector_steps={gf}, grad={cfg.grad}, "

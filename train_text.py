@@ -119,10 +119,9 @@ PRESETS = {
 def parse_args(argv: Optional[list[str]] = None) -> Config:
     """Flags from the Config fields: an explicit flag wins over --preset, which wins over the field's default."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    types = {"int": int, "float": float, "str": str}
     for f in dataclasses.fields(Config):
         kind = (dict(action="store_true", default=None) if f.type == "bool" else
-                dict(type=types[f.type], choices=f.metadata["choices"]))
+                dict(type=type(f.default), choices=f.metadata["choices"]))
         p.add_argument("--" + f.name.replace("_", "-"), help=f"{f.metadata['help']} (default: {f.default!r})", **kind)
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     cfg = Config(**{**PRESETS[given.get("preset", "cpu")], **given})
@@ -413,14 +412,13 @@ def report(cfg: Config, rows: list, examples: list, history: list, info: dict, s
     for name, text in [(f"results_{tag}.md", table + "\n"), (f"examples_{tag}.txt", ex + "\n"),
                        (f"results_{tag}.json", json.dumps(result, indent=1))]:
         save_atomic(text, os.path.join(cfg.out, name))
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(1, 3, figsize=(12, 3.2))
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
+    fig = Figure(figsize=(12, 3.2))
+    ax = fig.subplots(1, 3)
     for a, key, title in zip(ax, ["reward_mean", "kl", "clip_frac"], ["mean reward R(x) of the rollouts",
                                                                      "path KL to the pre-trained model", "clip fraction"]):
         a.plot([h[key] for h in history]), a.set(title=title, xlabel="SEPO iteration")
-    fig.tight_layout(), fig.savefig(os.path.join(cfg.out, f"curves_{tag}.png"), dpi=110), plt.close(fig)
+    fig.tight_layout(), fig.savefig(os.path.join(cfg.out, f"curves_{tag}.png"), dpi=110)
     return result
 
 
