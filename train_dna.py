@@ -431,7 +431,6 @@ def bench(cfg: Config, device: torch.device) -> dict:
     model = DilatedCNNDenoiser(cfg.hidden, cfg.stacks).to(device)
     oracle = EnformerOracle(4, cfg.oracle_dim, cfg.oracle_depth, cfg.oracle_heads, cfg.oracle_downsamples).to(device)
     cuda, out = device.type == "cuda", {}
-    sync = torch.cuda.synchronize if cuda else lambda: None
     for gf in sorted({0, cfg.corrector_steps}):
         trainer = sepo.SEPO(model, sepo.Masked(4), sepo.LogLinear(), lambda x: hepg2_score(predict(oracle, x), "encode"),
                             SEQ_LEN, sepo_config(cfg, gf))
@@ -439,7 +438,8 @@ def bench(cfg: Config, device: torch.device) -> dict:
             torch.cuda.synchronize(), torch.cuda.reset_peak_memory_stats()
         tic = time.perf_counter()
         trainer.step()
-        sync()  # CUDA runs asynchronously: wait for the step before reading the clock
+        if cuda:
+            torch.cuda.synchronize()  # CUDA runs asynchronously: wait for the step before reading the clock
         out[f"step_s_gf{gf}"] = time.perf_counter() - tic
         mem = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
         print(f"[bench] {cfg.batch}x{cfg.group} samples, {cfg.steps} steps, corrector_steps={gf}, grad={cfg.grad}, "
