@@ -269,6 +269,11 @@ def test_pipeline_smoke_cached_and_reproducible(tmp_path, toy_data, capsys):
     with pytest.raises(ValueError, match=r"access.pt was made with other settings \{'access_epochs'"):
         run(tmp_path / "a", toy_data, "--iters", "2", "--access-epochs", "2")
     assert "[ft_oracle] cached" in capsys.readouterr().out
+    # retrained oracles (deleted, other --oracle-lr) never meet a SEPO checkpoint made against the old ones
+    for f in ("ft_oracle.pt", "eval_oracle.pt", "access.pt"):
+        os.remove(tmp_path / "a" / f)
+    with pytest.raises(ValueError, match=r"sepo.pt was made with other settings \{'oracle_lr'"):
+        run(tmp_path / "a", toy_data, "--iters", "2", "--oracle-lr", "0.01")
 
 
 @pytest.mark.slow

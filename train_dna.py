@@ -207,6 +207,12 @@ def load_ckpt(path: str, settings: dict) -> Optional[dict]:
     return ck
 
 
+PRETRAIN_KEYS = ("hidden", "stacks", "pretrain_steps", "pretrain_batch", "pretrain_lr", "val_every", "min_delta")
+ORACLE_KEYS = ("oracle_dim", "oracle_depth", "oracle_heads", "oracle_downsamples", "oracle_epochs", "oracle_batch",
+               "oracle_lr")
+ACCESS_KEYS = ("access_epochs", "oracle_batch", "oracle_lr")
+
+
 def keys(cfg: Config, *names: str) -> dict:
     return {n: getattr(cfg, n) for n in ("data", "seed", "test_chrom", "val_chrom", *names)}
 
@@ -270,7 +276,7 @@ def pretrain(cfg: Config, train: DnaData, val: DnaData, device) -> nn.Module:
                                                for xb in xval.split(256)]))}
     train_loop("pretrain", model, lambda i, g: sepo.pretrain_loss(model, graph, noise, xtr[i], generator=g), len(xtr),
                cfg.pretrain_steps, cfg.pretrain_batch, cfg.pretrain_lr, os.path.join(cfg.out, "pretrain.pt"),
-               keys(cfg, "hidden", "stacks", "pretrain_steps", "pretrain_batch", "pretrain_lr", "val_every", "min_delta"),
+               keys(cfg, *PRETRAIN_KEYS),
                cfg.seed, cfg.val_every, val_loss, cfg.min_delta)
     return model.eval().requires_grad_(False)
 
@@ -289,15 +295,14 @@ def train_oracles(cfg: Config, train: DnaData, test: DnaData, device) -> tuple[d
             w = (1 - y).sum() / y.sum().clamp(min=1)
             loss = lambda out, t: F.binary_cross_entropy_with_logits(out, t, pos_weight=w)
             held_out = lambda m: {"test_auroc": auroc(predict(m, test.x), test.hepg2())}
-            epochs, settings = cfg.access_epochs, keys(cfg, "access_epochs", "oracle_batch", "oracle_lr")
+            epochs, settings = cfg.access_epochs, keys(cfg, *ACCESS_KEYS)
         else:
             m, y = EnformerOracle(len(CELL_TYPES) if encode else 3, cfg.oracle_dim, cfg.oracle_depth, cfg.oracle_heads,
                                   cfg.oracle_downsamples).to(device), part.y
             loss = F.cross_entropy if encode else F.mse_loss
             held_out = lambda m: ({"test_hepg2_auroc": auroc(hepg2_score(predict(m, test.x), "encode"), test.hepg2())}
                                   if encode else {"test_hepg2_pearson": pearson(predict(m, test.x)[:, 0], test.y[:, 0])})
-            epochs, settings = cfg.oracle_epochs, keys(cfg, "oracle_dim", "oracle_depth", "oracle_heads",
-                                                       "oracle_downsamples", "oracle_epochs", "oracle_batch", "oracle_lr")
+            epochs, settings = cfg.oracle_epochs, keys(cfg, *ORACLE_KEYS)
         xo, yo = part.x.to(device), y.to(device)
         report[name] = train_loop(name, m, lambda i, g, m=m, f=loss, xo=xo, yo=yo: f(m(xo[i]), yo[i]), len(part),
                                   max(1, round(epochs * len(part) / cfg.oracle_batch)), cfg.oracle_batch, cfg.oracle_lr,
@@ -327,8 +332,10 @@ def finetune(cfg: Config, pretrained: nn.Module, reward_fn, corrector_steps: int
     scfg = sepo_config(cfg, corrector_steps)
     trainer = sepo.SEPO(copy.deepcopy(pretrained).requires_grad_(True), sepo.Masked(4), sepo.LogLinear(), reward_fn,
                         SEQ_LEN, scfg, ref_model=pretrained)
-    path, settings = os.path.join(cfg.out, f"{tag}.pt"), {**keys(cfg, "hidden", "stacks", "pretrain_steps", "oracle_dim",
-                     "oracle_depth", "oracle_epochs", "access_epochs", "ckpt_every", "n_eval"), **dataclasses.asdict(scfg)}
+    # keyed on every setting of the stages it builds on (its reward, its probes' scorers): no stale run is reused
+    path = os.path.join(cfg.out, f"{tag}.pt")
+    settings = {**keys(cfg, *PRETRAIN_KEYS, *ORACLE_KEYS, *ACCESS_KEYS, "ckpt_every", "n_eval", "elbo_t"),
+                **dataclasses.asdict(scfg)}
     ck, history, probes = load_ckpt(path, settings), [], []
     if ck is not None:
         trainer.load_state_dict(ck["trainer"])
