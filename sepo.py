@@ -90,9 +90,7 @@ class Uniform(Graph):
     """Q = (1/n) 1 1^T - I: a token jumps to a uniformly random token (SEDD uniform)."""
 
     def __init__(self, n: int):
-        self.n = self.vocab_size = n
-        self.mask_id = None
-        self.out_dims = (n,)
+        self.n, self.vocab_size, self.out_dims = n, n, (n,)
 
     def transition(self, x, sigmabar):
         keep = torch.exp(-_col(sigmabar))  # e^{-sigmabar}: keep the token ...
@@ -129,14 +127,10 @@ class Masked(Graph):
     """Absorbing graph: Q(v -> MASK) = 1, Q(v -> v) = -1, MASK (id n) absorbing (MDLM)."""
 
     def __init__(self, n: int):
-        self.n = n
-        self.vocab_size = n + 1
-        self.mask_id = n
-        self.out_dims = (n, n + 1)
+        self.n, self.vocab_size, self.mask_id, self.out_dims = n, n + 1, n, (n, n + 1)  # MASK: the last id
 
     def transition(self, x, sigmabar):
-        alpha = torch.exp(-_col(sigmabar))  # keep with alpha_t, else MASK
-        p = alpha * F.one_hot(x, self.vocab_size)
+        p = torch.exp(-_col(sigmabar)) * F.one_hot(x, self.vocab_size)  # keep with alpha_t, else MASK
         p[..., self.mask_id] += -torch.expm1(-sigmabar)[:, None]
         return torch.where((x == self.mask_id)[..., None], F.one_hot(x, self.vocab_size).to(p), p)
 
@@ -275,9 +269,11 @@ def tau_leap_log_probs(log_rate: Tensor, x: Tensor, dt: Tensor, y: Optional[Tens
     renormalising and gives every move a positive probability, which the importance ratios need."""
     log_rate = log_rate.scatter(-1, x[..., None], NEG_INF)
     log_lam = torch.logsumexp(log_rate, -1, keepdim=True)
-    lam_dt = (log_lam + _col(dt).log()).exp()
-    # log(1 - e^{-lam dt}); the clamp keeps autograd finite where a token has no move at all
-    log_leave = torch.log((-torch.expm1(-lam_dt)).clamp(min=_tiny(lam_dt)))
+    u = log_lam + _col(dt).log()
+    lam_dt = u.exp()
+    # log(1 - e^{-lam dt}), = log(lam dt) where lam dt underflows; clamps keep autograd finite with no move
+    log_leave = torch.where(lam_dt < _tiny(u), u.clamp(min=torch.finfo(u.dtype).min),
+                            torch.log((-torch.expm1(-lam_dt)).clamp(min=_tiny(u))))
     log_lam = log_lam.clamp(min=torch.finfo(log_lam.dtype).min)  # a token with no move: -inf jumps
     if y is None:
         return (log_rate - log_lam + log_leave).scatter(-1, x[..., None], -lam_dt)
@@ -374,9 +370,8 @@ def rollout(model, graph: Graph, noise, num_samples: int, length: int, steps: in
         x[:, :n_fixed] = prefix
     fixed = x[:, :n_fixed]  # copied through every step; only the free positions are sampled
     t_all, a_all, corr = sampler_schedule(steps, corrector_steps, device)
-    kept, path = [], [x]
+    kept, path, k = [], [x], 0
     logp = torch.zeros(num_samples, device=device, dtype=torch.get_default_dtype())
-    k = 0
     for i, is_corr in enumerate(corr):
         t, a = t_all[i].expand(num_samples), a_all[i].expand(num_samples)
         if is_corr:  # no corrector at t = 0, where the masked scores are infinite
@@ -412,8 +407,7 @@ def sample(model, graph: Graph, noise, num_samples: int, length: int, steps: int
 T_MIN = 1e-3  # lowest training time: the masked weight 1/t and the uniform ratios blow up at 0
 
 
-def _nelbo_integrand(model, graph: Graph, noise, x0: Tensor, t: Tensor, prefix_len: int,
-                     generator=None) -> Tensor:
+def _nelbo_integrand(model, graph: Graph, noise, x0: Tensor, t: Tensor, prefix_len: int, generator=None) -> Tensor:
     """Per-sequence integrand of the negative ELBO at times t [B] (nats per unit time)."""
     sigmabar, sigma = noise(t)
     xt = graph.sample_transition(x0, sigmabar, generator)
@@ -450,7 +444,7 @@ def pretrain_loss(model, graph: Graph, noise, x0: Tensor, prefix_len: int = 0, g
     """Monte-Carlo NELBO in nats per token: denoising score entropy for Uniform, the MDLM
     weighted cross-entropy (score entropy of the absorbing graph) for Masked."""
     nelbo = _nelbo_integrand(model, graph, noise, x0, _times(x0.shape[0], x0.device, generator), prefix_len, generator)
-    return nelbo.mean() / max(x0.shape[1] - prefix_len, 1)
+    return (nelbo.mean() if len(nelbo) else nelbo.sum()) / max(x0.shape[1] - prefix_len, 1)  # empty: 0
 
 
 @torch.no_grad()
@@ -575,13 +569,19 @@ def select_transitions(active: Tensor, steps: Optional[int], generator=None) -> 
     return rank < drawn[:, None], n_active / drawn.clamp(min=1).to(torch.get_default_dtype())
 
 
+def _mean(r: Tensor, dim: int) -> Tensor:
+    """r.mean(dim, keepdim=True), exact where r is constant: a rounded mean, over a ~0 std, would give |A| ~ 1."""
+    first = r.narrow(dim, 0, 1)
+    return torch.where((r == first).all(dim, keepdim=True), first, r.mean(dim, keepdim=True))
+
+
 def grpo_advantages(reward: Tensor, group_size: int) -> Tensor:
-    """A = (R - mean_group) / (std_group + 1e-8) (math §6). Population std: a zero-spread group
-    (or a group of one) gets A = 0, not NaN."""
+    """A = (R - mean_group) / (std_group + 1e-8) (math §6). Population std: a group of identical rewards
+    (or a group of one) gets A = 0 exactly, not NaN."""
     if reward.numel() == 0:
         return reward
     r = reward.view(-1, group_size)
-    return ((r - r.mean(1, keepdim=True)) / (r.std(1, unbiased=False, keepdim=True) + 1e-8)).view(-1)
+    return ((r - _mean(r, 1)) / (r.std(1, unbiased=False, keepdim=True) + 1e-8)).view(-1)
 
 
 def ppo_advantages(reward: Tensor, baseline: Optional[float | Tensor] = None, normalize: bool = False) -> Tensor:
@@ -589,10 +589,8 @@ def ppo_advantages(reward: Tensor, baseline: Optional[float | Tensor] = None, no
     optionally A / std (math §6)."""
     if reward.numel() == 0:
         return reward
-    adv = reward - (reward.mean() if baseline is None else baseline)
-    if normalize:
-        adv = adv / (adv.std(unbiased=False) + 1e-8)
-    return adv
+    adv = reward - (_mean(reward, 0) if baseline is None else baseline)
+    return adv / (adv.std(unbiased=False) + 1e-8) if normalize else adv
 
 
 def clip_coefficients(log_ratio: Tensor, adv: Tensor, clip_eps: float = 0.2) -> tuple[Tensor, Tensor]:
@@ -604,8 +602,7 @@ def clip_coefficients(log_ratio: Tensor, adv: Tensor, clip_eps: float = 0.2) -> 
     return torch.where(clipped, 0.0, adv * ratio).detach(), clipped
 
 
-def clipped_surrogate(psi: Tensor, log_ratio: Tensor, adv: Tensor, clip_eps: float = 0.2
-                      ) -> tuple[Tensor, Tensor]:
+def clipped_surrogate(psi: Tensor, log_ratio: Tensor, adv: Tensor, clip_eps: float = 0.2) -> tuple[Tensor, Tensor]:
     """L = -mean_b coef_b psi_b, whose gradient is -grad l_A when grad psi_b = grad log pi_theta(x_b)
     (paper Eq. (9), math §6). Returns (loss, fraction clipped)."""
     if psi.numel() == 0:
@@ -667,8 +664,7 @@ class SEPOConfig:
     baseline: str = "batch"      # ppo baseline: "batch" mean, "running" mean, or "group" (prompt) mean
     baseline_momentum: float = 0.9
     normalize_adv: bool = False  # ppo: divide A by its batch std
-    grad: str = "pl"             # grad log pi: "pl" pseudo-likelihood (T2, the paper's), "path" posterior
-    #                              over M forward paths, "rollout" the rollout's own path (math §4)
+    grad: str = "pl"             # grad log pi (math §3-4): "pl" (T2, the paper's), "path" (M paths), "rollout"
     ratio: str = "snis"          # pi_new / pi_old: "snis" over M forward paths (paper), "rollout" path
     path_steps: Optional[int] = None  # grad "path"/"rollout": transitions with gradient per path (None: all)
     pl_positions: int = 16       # grad "pl", masked graph: positions per sample
@@ -690,8 +686,13 @@ class SEPOConfig:
                      "micro_batch", "path_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.kl_steps <= self.steps:
-            raise ValueError(f"kl_steps must be in [0, steps={self.steps}], got {self.kl_steps}")
+        for name, ok, rule in (("kl_steps", 0 <= self.kl_steps <= self.steps, f"in [0, steps={self.steps}]"),
+                               ("clip_eps", self.clip_eps > 0, "> 0"), ("max_grad_norm", self.max_grad_norm > 0, "> 0"),
+                               ("lr", self.lr >= 0, ">= 0"),
+                               ("t_eval", self.t_eval is None or 0 < self.t_eval <= 1, "in (0, 1]"),
+                               ("baseline_momentum", 0 <= self.baseline_momentum <= 1, "in [0, 1]")):
+            if not ok:
+                raise ValueError(f"{name} must be {rule}, got {getattr(self, name)}")
 
 
 class SEPO:
@@ -723,7 +724,7 @@ class SEPO:
             return grpo_advantages(reward, cfg.group_size)
         baseline = None
         if cfg.baseline == "group":  # Monte-Carlo value of the group's prompt; A = R - V(prompt)
-            baseline = reward.view(-1, cfg.group_size).mean(1).repeat_interleave(cfg.group_size)
+            baseline = _mean(reward.view(-1, cfg.group_size), 1).repeat_interleave(cfg.group_size)
         elif cfg.baseline == "running":
             m, mean = cfg.baseline_momentum, reward.mean().item()
             baseline = self.running_baseline if self.running_baseline is not None else mean
@@ -733,11 +734,11 @@ class SEPO:
     def _prefix(self) -> Optional[Tensor]:
         if self.prompt_fn is None:
             return None
-        cfg = self.cfg
-        prompts = torch.as_tensor(self.prompt_fn(cfg.batch_size, self.prompt_gen)).long().to(self.device)
-        if prompts.dim() != 2 or prompts.shape[0] != cfg.batch_size:
-            raise ValueError(f"prompt_fn returned {tuple(prompts.shape)}, expected [{cfg.batch_size}, Lp]")
-        return prompts.repeat_interleave(cfg.group_size, 0)
+        B = self.cfg.batch_size
+        prompts = torch.as_tensor(self.prompt_fn(B, self.prompt_gen)).long().to(self.device)
+        if prompts.dim() != 2 or prompts.shape[0] != B:
+            raise ValueError(f"prompt_fn returned {tuple(prompts.shape)}, expected [{B}, Lp]")
+        return prompts.repeat_interleave(self.cfg.group_size, 0)
 
     def _autocast(self, on: bool = True):
         if on and self.cfg.amp == "bf16":
@@ -846,5 +847,4 @@ class SEPO:
         self.ref_model.load_state_dict(sd["ref_model"])
         self.opt.load_state_dict(sd["optimizer"])
         self.iteration, self.running_baseline = sd["iteration"], sd["running_baseline"]
-        self.gen.set_state(sd["gen"])
-        self.prompt_gen.set_state(sd["prompt_gen"])
+        self.gen.set_state(sd["gen"]), self.prompt_gen.set_state(sd["prompt_gen"])

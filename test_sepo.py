@@ -232,6 +232,28 @@ def test_grpo_advantages_zero_spread_group_and_empty_batch():
                                torch.tensor([-1.0, 1.0, 0.0, 0.0]))
 
 
+def test_identical_rewards_give_exactly_zero_advantages():
+    """A rounded float32 mean of identical values is often 1 ulp off, and the std is then ~1 ulp too: without
+    care a constant group gets |A| ~ 1. Values like 0.1 or 3.3 (not 1.0) are the ones that round."""
+    for value in (0.1, 0.3, 0.7, 3.3, 1000.1):
+        for G in (3, 7, 8, 12, 16):
+            r = torch.cat([torch.full((G,), value), torch.linspace(0, 1, G)])
+            assert torch.equal(sepo.grpo_advantages(r, G)[:G], torch.zeros(G)), (value, G)
+            assert torch.equal(sepo.ppo_advantages(r[:G], normalize=True), torch.zeros(G)), (value, G)
+            assert torch.equal(sepo.ppo_advantages(r[:G]), torch.zeros(G)), (value, G)
+
+
+@pytest.mark.parametrize("advantage, baseline, normalize", [("grpo", "batch", False), ("ppo", "group", False),
+                                                            ("ppo", "batch", True)])
+def test_a_constant_reward_leaves_the_model_unchanged(advantage, baseline, normalize):
+    # no KL, and every group's rewards identical: the clipped objective has zero gradient, so no update at all
+    graph, noise, model = make("masked")
+    before = copy.deepcopy(model.state_dict())
+    cfg = small_cfg(kl_coef=0.0, group_size=8, advantage=advantage, baseline=baseline, normalize_adv=normalize)
+    sepo.SEPO(model, graph, noise, lambda x: torch.full((len(x),), 0.1), 6, cfg).step()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_clipped_surrogate_masks_the_clipped_branch_and_handles_empty():
     psi = torch.ones(4, requires_grad=True)
     log_r = torch.tensor([0.5, -0.5, 0.5, -0.5])  # r = 1.65, 0.61, 1.65, 0.61
@@ -599,11 +621,38 @@ def test_wrong_prompt_shape_is_an_error():
 
 
 def test_new_options_are_validated():
+    # a negative clip_eps clips everything (nothing learned), t_eval outside (0, 1] gives NaN, a negative
+    # max_grad_norm reverses the update: each is an error naming the field
     for kw, msg in [(dict(grad="reinforce"), "grad must be"), (dict(ratio="pl"), "ratio must be"),
                     (dict(amp="fp16"), "amp must be"), (dict(micro_batch=0), "micro_batch"),
-                    (dict(path_steps=0), "path_steps")]:
+                    (dict(path_steps=0), "path_steps"), (dict(clip_eps=-0.1), "clip_eps must be > 0"),
+                    (dict(clip_eps=float("nan")), "clip_eps"), (dict(t_eval=1.5), r"t_eval must be in \(0, 1\]"),
+                    (dict(t_eval=0.0), "t_eval"), (dict(max_grad_norm=-1.0), "max_grad_norm"), (dict(lr=-1e-4), "lr"),
+                    (dict(baseline_momentum=1.5), "baseline_momentum")]:
         with pytest.raises(ValueError, match=msg):
             sepo.SEPOConfig(**kw)
+
+
+@pytest.mark.parametrize("name", GRAPHS)
+def test_pretrain_loss_of_an_empty_batch_is_zero_not_nan(name):
+    graph, noise, model = make(name)
+    loss = sepo.pretrain_loss(model, graph, noise, torch.zeros(0, 6, dtype=torch.long))
+    assert loss.item() == 0.0
+    loss.backward()  # still a graph: a training loop's backward works
+
+
+def test_tau_leap_stays_in_log_space_when_the_leaving_rate_underflows(float64):
+    # log P(x -> v) = log(1 - exp(-lam dt)) + log rate_v - log lam; at log(lam dt) = -100 the linear-space
+    # 1 - exp(-lam dt) underflows in float32, and a clamp would give about -87 instead of -100
+    log_rate = torch.full((1, 1, 3), -100.0)
+    x, y, dt = torch.tensor([[0]]), torch.tensor([[1]]), torch.tensor([1.0])
+    exact = sepo.tau_leap_log_probs(log_rate, x, dt, y)  # float64: no underflow
+    assert exact.item() == pytest.approx(-100.0 + math.log(2.0) - math.log(2.0), abs=1e-9)  # 2 moves of rate e^-100
+    got = sepo.tau_leap_log_probs(log_rate.float(), x, dt.float(), y)
+    assert got.item() == pytest.approx(exact.item(), abs=1e-4)
+    log_rate.requires_grad_(True)
+    sepo.tau_leap_log_probs(log_rate.float(), x, dt.float(), y).backward()
+    assert torch.isfinite(log_rate.grad).all()
 
 
 def test_bf16_autocast_step_runs_and_learns_nothing_strange():

@@ -1,6 +1,7 @@
 """Tests of train_dna.py: data validators, the chromosome split, each metric against a hand
 computation, and the whole pipeline at toy size (cached, resumable, reproducible). CPU, seconds."""
 import gzip
+import shutil
 import importlib.util
 import json
 import math
@@ -100,12 +101,12 @@ def test_gosai_file_without_a_chromosome_column_gets_a_fixed_split(tmp_path, nam
 
 
 def test_gosai_loader_good(tmp_path):
-    rows = [(rand_seq(), 1.5, -0.2, 0.3, "chr1"), (rand_seq(), -1.0, 2.0, 0.0, "7")]
+    rows = [(rand_seq(), 1.5, -0.2, 0.3, "chr1"), (rand_seq(), -1.0, 2.0, 0.0, "7"), (rand_seq(), 0, 0, 0, "Chr7")]
     d = D.load_data(write_gosai(tmp_path / "g.csv", HEADER, rows))
-    assert d.kind == "gosai" and d.x.shape == (2, 200)
-    assert torch.allclose(d.y, torch.tensor([[1.5, -0.2, 0.3], [-1.0, 2.0, 0.0]]))
-    assert d.chrom.tolist() == ["chr1", "chr7"]  # bare chromosome numbers get the chr prefix
-    assert d.signal.tolist() == [1.5, -1.0]      # top set ranked by HepG2 activity
+    assert d.kind == "gosai" and d.x.shape == (3, 200)
+    assert torch.allclose(d.y, torch.tensor([[1.5, -0.2, 0.3], [-1.0, 2.0, 0.0], [0.0, 0.0, 0.0]]))
+    assert d.chrom.tolist() == ["chr1", "chr7", "chr7"]  # bare numbers get the chr prefix; any case of it is chr
+    assert d.signal.tolist() == [1.5, -1.0, 0.0]         # top set ranked by HepG2 activity
 
 
 @pytest.mark.parametrize("header,rows,msg", [
@@ -115,6 +116,8 @@ def test_gosai_loader_good(tmp_path):
     (HEADER, [("A" * 200, 1, 2, 3, "chr1"), ("A" * 200, 1, 2, "chr1")], r"row 2 has 4 fields, the header has 5"),
     (HEADER, [("A" * 199 + "X", 1, 2, 3, "chr1")], r"row 1: invalid base 'X' at position 200"),
     (HEADER, [("A" * 200, 1, 2, 3, "chr1"), ("ACGT", 1, 2, 3, "chr1")], r"row 2: sequence has length 4"),
+    (HEADER, [("A" * 200, 1, 2, 3, "chr1"), ("A" * 200, 1, 2, 3, "")], r"row 2: no chromosome"),
+    (HEADER, [("A" * 200, 1, 2, 3, "nan")], r"row 1: no chromosome \('nan'\)"),
 ])
 def test_gosai_loader_malformed(tmp_path, header, rows, msg):
     with pytest.raises(ValueError, match=msg):
@@ -133,6 +136,14 @@ def test_oracle_split_is_chromosome_disjoint_on_the_real_data():
     assert abs(n_ft - n_ev) < 0.05 * (n_ft + n_ev)  # balanced halves
     # and no sequence is in both oracles' training sets
     assert not (np.isin(d.chrom, ft) & np.isin(d.chrom, ev)).any()
+
+
+def test_test_and_validation_chromosomes_must_differ(tmp_path):
+    # otherwise the validation loss (and early stopping on it) would read the test chromosome
+    rows = [(rand_seq(), 0, 0, 0, f"chr{k}") for k in (1, 2, 3)]
+    d = D.load_data(write_gosai(tmp_path / "g.csv", HEADER, rows))
+    with pytest.raises(ValueError, match="must differ, both are chr1"):
+        D.split_by_chromosome(d, "chr1", "chr1")
 
 
 def test_oracle_split_needs_two_training_chromosomes():
@@ -229,6 +240,7 @@ def run(out, data, *extra):
 
 @pytest.mark.slow
 def test_pipeline_smoke_cached_and_reproducible(tmp_path, toy_data, capsys):
+    toy_data = str(shutil.copy(toy_data, tmp_path / "toy.tsv.gz"))  # this test changes its data file at the end
     res = run(tmp_path / "a", toy_data, "--iters", "2")  # best-of-N budget: 1 + ceil(2 * 2 * 2 / 6) = 3
     assert set(res) == {"Pre-trained", "SEPO", "SEPO with GF", "Best-of-3 (ft oracle)", "Data (chr1, HepG2)"}
     for r in res.values():
@@ -264,6 +276,8 @@ def test_pipeline_smoke_cached_and_reproducible(tmp_path, toy_data, capsys):
     # a checkpoint made with other settings is refused, not silently reused
     with pytest.raises(ValueError, match="other settings"):
         run(tmp_path / "a", toy_data, "--iters", "2", "--pretrain-lr", "0.1")
+    with pytest.raises(ValueError, match="holds 2 iterations, more than --iters 1"):  # not the 2-iteration model
+        run(tmp_path / "a", toy_data, "--iters", "1")
     # another --access-epochs concerns the accessibility CNN only: the Enformer oracles stay cached
     capsys.readouterr()
     with pytest.raises(ValueError, match=r"access.pt was made with other settings \{'access_epochs'"):
@@ -274,16 +288,23 @@ def test_pipeline_smoke_cached_and_reproducible(tmp_path, toy_data, capsys):
         os.remove(tmp_path / "a" / f)
     with pytest.raises(ValueError, match=r"sepo.pt was made with other settings \{'oracle_lr'"):
         run(tmp_path / "a", toy_data, "--iters", "2", "--oracle-lr", "0.01")
+    # the data file changed in place (same path, other content): no stage is reused
+    rows = [(f"chr{c}", i, D.CELL_TYPES[i % 4], float(i), "train", rand_seq()) for c in (1, 2, 3, 4, 5, 6) for i in range(12)]
+    write_encode(toy_data, rows)
+    with pytest.raises(ValueError, match=r"pretrain.pt was made with other settings \{'data_sha256'"):
+        run(tmp_path / "a", toy_data, "--iters", "2")
 
 
 @pytest.mark.slow
 def test_sepo_resume_is_exact(tmp_path, toy_data):
-    straight = run(tmp_path / "s", toy_data, "--iters", "2", "--corrector-steps", "0")
-    run(tmp_path / "r", toy_data, "--iters", "1", "--corrector-steps", "0")  # stop after one iteration ...
-    resumed = run(tmp_path / "r", toy_data, "--iters", "2", "--corrector-steps", "0")  # ... and continue
+    flags = ("--corrector-steps", "0", "--ckpt-every", "2")
+    straight = run(tmp_path / "s", toy_data, "--iters", "2", *flags)
+    run(tmp_path / "r", toy_data, "--iters", "1", *flags)  # stop after one iteration ...
+    resumed = run(tmp_path / "r", toy_data, "--iters", "2", *flags)  # ... and continue
     assert set(straight) == {"Pre-trained", "SEPO", "Best-of-3 (ft oracle)", "Data (chr1, HepG2)"}
-    a = json.loads((tmp_path / "s" / "results.json").read_text())["runs"]["SEPO"]["history"]
-    b = json.loads((tmp_path / "r" / "results.json").read_text())["runs"]["SEPO"]["history"]
+    a, b = (json.loads((tmp_path / d / "results.json").read_text())["runs"]["SEPO"] for d in "sr")
+    assert [p["iteration"] for p in b["probes"]] == [p["iteration"] for p in a["probes"]] == [2]  # not [1, 2]
+    a, b = a["history"], b["history"]
     assert [h["reward_mean"] for h in a] == [h["reward_mean"] for h in b]
     assert [h["kl"] for h in a] == pytest.approx([h["kl"] for h in b])
     assert resumed["SEPO"]["Pred-Activity"] == pytest.approx(straight["SEPO"]["Pred-Activity"])
@@ -313,7 +334,36 @@ def test_bad_settings_fail_before_any_work(tmp_path, capsys):
         assert "invalid choice" in capsys.readouterr().err
     with pytest.raises(ValueError, match="group_size must be >= 1"):
         T.main(["--group", "0", "--out", str(tmp_path / "x")])
+    with pytest.raises(ValueError, match="--bon-max must be a power of two"):
+        T.main(["--bon-max", "6", "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("driver", ["train_dna", "train_text"])  # each driver has its own copy
+def test_train_loop_resumes_exactly_metrics_included(tmp_path, driver):
+    """Interrupted after its step-2 checkpoint and run again, train_loop ends where a straight run does:
+    the same weights and the same smoothed training loss."""
+    train_loop = importlib.import_module(driver).train_loop
+    x, y = torch.randn(64, 3, generator=torch.Generator().manual_seed(0)), torch.randn(64)
+
+    def fit(folder, stop_at=None):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 1)
+
+        def loss_fn(i, g):
+            fit.calls += 1
+            if fit.calls == stop_at:
+                raise KeyboardInterrupt
+            return ((model(x[i]).squeeze(-1) - y[i]) ** 2).mean()
+        fit.calls = 0
+        path = str(tmp_path / f"{folder}.pt")
+        return train_loop("t", model, loss_fn, 64, 6, 8, 0.1, path, {"k": 1}, 0, every=2), model
+
+    straight, m1 = fit("a")
+    with pytest.raises(KeyboardInterrupt):
+        fit("b", stop_at=4)  # after the step-2 checkpoint
+    resumed, m2 = fit("b")
+    assert torch.equal(m1.weight, m2.weight) and resumed == straight
 
 
 def test_bf16_error_script():

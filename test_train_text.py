@@ -63,6 +63,9 @@ def test_hh_loader_good_lines(tmp_path, name):
     (json.dumps({"chosen": hh([("Human", "  ")], "yo"), "rejected": hh([("Human", "  ")], "no")}), "empty prompt"),
     (json.dumps({"chosen": "preamble" + hh([("Human", "hi")], "yo"), "rejected": hh([("Human", "hi")], "no")}),
      "before the first"),
+    # valid JSON, but an unpaired surrogate is not text (the tokenizer would fail later, naming nothing)
+    (json.dumps({"chosen": hh([("Human", "hi")], "yo"), "rejected": hh([("Human", "hi")], "no")}).replace("no", "n\\ud83d"),
+     "unpaired surrogate"),
 ])
 def test_hh_loader_malformed_lines_name_the_line(tmp_path, bad, message):
     path = str(tmp_path / "bad.jsonl")
@@ -80,6 +83,17 @@ def test_a_line_that_is_not_utf8_is_an_error_naming_it(tmp_path, name):
     with (gzip.open if name.endswith(".gz") else open)(path, "wb") as f:
         f.write(body)
     with pytest.raises(ValueError, match=rf"{name}:2: not UTF-8 \(byte 0xe9 at column 16\)"):
+        D.load_hh(path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not gzip"])
+def test_a_corrupt_gzip_file_is_an_error_naming_it(tmp_path, damage):
+    path = str(tmp_path / "pairs.jsonl.gz")
+    write_jsonl(path, [GOOD[0]] * 200)
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2] if damage == "truncated" else b"\n".join([GOOD[0].encode()] * 3))
+    with pytest.raises(ValueError, match=r"pairs.jsonl.gz:\d+: cannot read the file"):
         D.load_hh(path)
 
 
@@ -129,6 +143,10 @@ def test_gold_judge_is_the_documented_rule():
     assert D.gold_score("") == -2.0
     # length penalty: a bare "Yes" loses 3 * 0.15 against a neutral 4-word answer
     assert D.gold_score("Yes") < D.gold_score("It is a computer")
+    # markers are word prefixes, each counted once: "thanks" is "thank" and "thanks" (+0.5), "hopeless" is "hope"
+    vader = D._VADER.polarity_scores
+    assert D.gold_score("Thanks for asking me that") == pytest.approx(vader("Thanks for asking me that")["compound"] + 0.5)
+    assert D.gold_score("It is hopeless for me") == pytest.approx(vader("It is hopeless for me")["compound"] + 0.25)
 
 
 def test_reward_model_loss_decreases_on_separable_pairs():
@@ -286,6 +304,8 @@ def test_pipeline_smoke_and_resume(tmp_path, capsys):
     # a stage made with other settings is refused, not silently reused
     with pytest.raises(ValueError, match="other settings"):
         T.main([*TINY, "--out", out, "--d-model", "48"])
+    with pytest.raises(ValueError, match="holds 3 iterations, more than --iters 2"):  # not the 3-iteration model
+        T.main([*TINY, "--out", out, "--iters", "2"])
 
 
 @pytest.mark.slow
@@ -304,3 +324,7 @@ def test_pipeline_on_a_real_format_file_and_the_uniform_graph(tmp_path):
     assert res["info"]["data"]["pairs"] == 60 and res["info"]["data"]["skipped_long_prompts"] == 0
     assert "accuracy_samples" not in res["info"]  # a real file: no gold-labelled policy pairs
     assert all(math.isfinite(r["nll_per_token"]) for r in res["rows"])
+    # the file changed in place (same path, other pairs): the tokenizer is retrained and no stage is reused
+    write_jsonl(path, lines[::-1][:50])
+    with pytest.raises(ValueError, match=r"pretrain.pt was made with other settings \{'data_sha256'"):
+        T.main([*TINY, "--data", path, "--graph", "uniform", "--out", str(tmp_path / "u"), "--prompt-len", "24"])

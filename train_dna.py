@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import sepo
-from data.dna import (CELL_TYPES, SEQ_LEN, DnaData, auroc, decode_sequences, hepg2_score, kmer_counts, load_data,
-                      load_jaspar_pwms, motif_hits, oracle_chromosomes, pearson, spearman, split_by_chromosome,
-                      top_hepg2)
+from data.dna import (CELL_TYPES, SEQ_LEN, DnaData, auroc, data_sha256, decode_sequences, hepg2_score, kmer_counts,
+                      load_data, load_jaspar_pwms, motif_hits, oracle_chromosomes, pearson, spearman,
+                      split_by_chromosome, top_hepg2)
 
 
 # ---------------------------------------------------------------------------- configuration
@@ -214,7 +214,9 @@ ACCESS_KEYS = ("access_epochs", "oracle_batch", "oracle_lr")
 
 
 def keys(cfg: Config, *names: str) -> dict:
-    return {n: getattr(cfg, n) for n in ("data", "seed", "test_chrom", "val_chrom", *names)}
+    """A stage's settings; the data file's content hash too, so a file changed in place is never silently reused."""
+    names = ("data", "seed", "test_chrom", "val_chrom", *names)
+    return {"data_sha256": data_sha256(cfg.data), **{n: getattr(cfg, n) for n in names}}
 
 
 def train_loop(name: str, model: nn.Module, loss_fn: Callable[[Tensor, torch.Generator], Tensor], n: int,
@@ -234,7 +236,7 @@ def train_loop(name: str, model: nn.Module, loss_fn: Callable[[Tensor, torch.Gen
             return ck["metrics"]
         opt.load_state_dict(ck["opt"]), sched.load_state_dict(ck["sched"]), gen.set_state(ck["gen"])
         mgen.set_state(ck["mgen"])
-        step, best = ck["step"], ck["best"]
+        step, best, run = ck["step"], ck["best"], ck["run"]  # run: the smoothed loss goes on where it was
         print(f"[{name}] resuming at step {step}/{steps}")
     while step < steps:
         model.train()
@@ -251,8 +253,8 @@ def train_loop(name: str, model: nn.Module, loss_fn: Callable[[Tensor, torch.Gen
             best = min(best, val)
             print(f"[{name}] step {step}/{steps} {fmt(metrics)} ({time.perf_counter() - tic:.0f}s)", flush=True)
             save_atomic(dict(settings=settings, model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
-                             gen=gen.get_state(), mgen=mgen.get_state(), step=step, best=best, done=done,
-                             metrics=metrics), path)
+                             gen=gen.get_state(), mgen=mgen.get_state(), step=step, best=best, run=run,
+                             done=done, metrics=metrics), path)
             if done:
                 break
     return metrics
@@ -339,7 +341,10 @@ def finetune(cfg: Config, pretrained: nn.Module, reward_fn, corrector_steps: int
     ck, history, probes = load_ckpt(path, settings), [], []
     if ck is not None:
         trainer.load_state_dict(ck["trainer"])
-        history, probes = ck["history"], ck["probes"]
+        if len(ck["history"]) > cfg.iters:
+            raise ValueError(f"{path} holds {len(ck['history'])} iterations, more than --iters {cfg.iters}; use another --out")
+        history = ck["history"]  # an earlier, shorter run's last probe is off the every-ckpt_every schedule:
+        probes = [p for p in ck["probes"] if p["iteration"] % cfg.ckpt_every == 0 or p["iteration"] == cfg.iters]
         print(f"[{tag}] {'cached' if len(history) >= cfg.iters else 'resuming'}: {path} ({len(history)} iterations)")
     while len(history) < cfg.iters:
         s = trainer.step()
@@ -458,6 +463,8 @@ def bench(cfg: Config, device: torch.device) -> dict:
 def main(argv: Optional[list[str]] = None) -> dict:
     cfg = parse_args(argv)
     sepo_config(cfg, cfg.corrector_steps)  # a bad SEPO setting fails now, not after pre-training
+    if cfg.bon_max < 1 or cfg.bon_max & (cfg.bon_max - 1):
+        raise ValueError(f"--bon-max must be a power of two (best-of-N for N = 1, 2, 4, ...), got {cfg.bon_max}")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

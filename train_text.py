@@ -239,7 +239,7 @@ def train_loop(name: str, model: nn.Module, loss_fn: Callable[[Tensor, torch.Gen
             return ck["metrics"]
         opt.load_state_dict(ck["opt"]), sched.load_state_dict(ck["sched"]), gen.set_state(ck["gen"])
         mgen.set_state(ck["mgen"])
-        step = ck["step"]
+        step, run = ck["step"], ck["run"]  # run: the smoothed loss goes on where it was
         print(f"[{name}] resuming at step {step}/{steps}")
     while step < steps:
         model.train()
@@ -253,8 +253,8 @@ def train_loop(name: str, model: nn.Module, loss_fn: Callable[[Tensor, torch.Gen
             metrics = {"train_loss": run, "step": step, **(val_fn() if val_fn else {})}
             print(f"[{name}] step {step}/{steps} {fmt(metrics)} ({time.perf_counter() - tic:.0f}s)", flush=True)
             save_atomic(dict(settings=settings, model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
-                             gen=gen.get_state(), mgen=mgen.get_state(), step=step, done=step == steps,
-                             metrics=metrics), path)
+                             gen=gen.get_state(), mgen=mgen.get_state(), step=step, run=run,
+                             done=step == steps, metrics=metrics), path)
     return metrics
 
 
@@ -268,8 +268,10 @@ RM_KEYS = LM_KEYS + ("rm_d_model", "rm_layers", "rm_heads", "rm_epochs", "rm_bat
                      "corrector_steps")
 
 
-def keys(cfg: Config, names: tuple) -> dict:
-    return {n: getattr(cfg, n) for n in names}
+def keys(cfg: Config, names: tuple, data: TextData) -> dict:
+    """A stage's settings; with the data file's and the tokenizer's hashes, so a changed file is never reused."""
+    return {**{n: getattr(cfg, n) for n in names}, "data_sha256": data.info["sha256"],
+            "tokenizer_sha256": data.info["tokenizer_sha256"]}
 
 
 def pretrain(cfg: Config, data: TextData, device) -> tuple[sepo.Graph, object, nn.Module]:
@@ -279,7 +281,7 @@ def pretrain(cfg: Config, data: TextData, device) -> tuple[sepo.Graph, object, n
     X = data.lm_train.to(device)
     train_loop("pretrain", model, lambda i, g: sepo.pretrain_loss(model, graph, noise, X[i], cfg.prompt_len, g), len(X),
                cfg.pretrain_steps, cfg.pretrain_batch, cfg.pretrain_lr, os.path.join(cfg.out, "pretrain.pt"),
-               keys(cfg, LM_KEYS), cfg.seed, every=200)
+               keys(cfg, LM_KEYS, data), cfg.seed, every=200)
     return graph, noise, model.eval().requires_grad_(False)
 
 
@@ -304,7 +306,7 @@ def policy_pairs(cfg: Config, data: TextData, graph, noise, pre: nn.Module, prom
 def train_reward_model(cfg: Config, data: TextData, graph, noise, pre: nn.Module, device) -> tuple[RewardModel, dict]:
     """Stage 3: Bradley-Terry, -log sigmoid(score(chosen) - score(rejected)), on the reward model's half of the
     pairs plus (--policy-pairs) gold-labelled pairs of pre-trained LM responses to the training prompts."""
-    settings, tag = keys(cfg, RM_KEYS), f"steps{cfg.steps}"
+    settings, tag = keys(cfg, RM_KEYS, data), f"steps{cfg.steps}"
     pp = load_ckpt(os.path.join(cfg.out, f"policy_pairs_{tag}.pt"), settings)
     if pp is None and cfg.policy_pairs > 0:
         tic = time.perf_counter()
@@ -346,11 +348,14 @@ def finetune(cfg: Config, data: TextData, graph, noise, pre: nn.Module, rm: Rewa
     trainer = sepo.SEPO(copy.deepcopy(pre).requires_grad_(True), graph, noise, lambda x: rm.reward(x),
                         cfg.prompt_len + cfg.response_len, scfg, ref_model=pre,
                         prompt_fn=lambda k, gen: pool[torch.randint(len(pool), (k,), generator=gen).to(device)])
-    path, settings = os.path.join(cfg.out, f"sepo_steps{cfg.steps}.pt"), {**keys(cfg, RM_KEYS), **dataclasses.asdict(scfg)}
+    path = os.path.join(cfg.out, f"sepo_steps{cfg.steps}.pt")
+    settings = {**keys(cfg, RM_KEYS, data), **dataclasses.asdict(scfg)}
     ck, history = load_ckpt(path, settings), []
     if ck is not None:
         trainer.load_state_dict(ck["trainer"])
         history = ck["history"]
+        if len(history) > cfg.iters:
+            raise ValueError(f"{path} holds {len(history)} iterations, more than --iters {cfg.iters}; use another --out")
         print(f"[sepo] {'cached' if len(history) >= cfg.iters else 'resuming'}: {path} ({len(history)} iterations)")
     while len(history) < cfg.iters:
         s = trainer.step()

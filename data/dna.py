@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import math
 import os
 import sys
@@ -126,8 +127,20 @@ def load_gosai(path: str, split_seed: int = 0) -> DnaData:
     chrom = _column(path, header, rows, "chr", "chrom", "chromosome", required=False)
     if chrom is None:
         chrom = [f"chr{k}" for k in np.random.default_rng(split_seed).integers(1, 11, len(rows))]
-    chrom = np.array([c if c.startswith("chr") else "chr" + c for c in chrom])
+    for i, c in enumerate(chrom, 1):
+        if c.lower() in ("", "chr", "nan", "na", "none"):
+            raise ValueError(f"{path}: row {i}: no chromosome ({c!r})")
+    chrom = np.array(["chr" + (c[3:] if c.lower().startswith("chr") else c) for c in chrom])  # 1, Chr1, chr1: chr1
     return DnaData(x, chrom, y, y[:, 0].clone(), "gosai")
+
+
+def data_sha256(path: str) -> str:
+    """The first 16 hex digits of the sha256 of the file load_data(path) reads (the cached stages' key)."""
+    h = hashlib.sha256()
+    with open(path or DEFAULT_DATA, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 def load_data(path: str) -> DnaData:
@@ -139,6 +152,8 @@ def load_data(path: str) -> DnaData:
 
 def split_by_chromosome(data: DnaData, test_chrom: str, val_chrom: str) -> dict[str, DnaData]:
     """{"train": all other chromosomes, "val": val_chrom, "test": test_chrom}; an empty val or test is an error."""
+    if test_chrom == val_chrom:  # the validation loss (early stopping) would be measured on the test set
+        raise ValueError(f"the test and validation chromosomes must differ, both are {test_chrom}")
     split = {"train": data.subset(~np.isin(data.chrom, [test_chrom, val_chrom])),
              "val": data.subset(data.chrom == val_chrom), "test": data.subset(data.chrom == test_chrom)}
     if not (len(split["val"]) and len(split["test"])):

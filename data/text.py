@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import glob
 import gzip
+import hashlib
 import json
 import os
 import random
 import re
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,8 +37,9 @@ _VADER = None
 
 
 def gold_score(response: str) -> float:
-    """compound VADER sentiment in [-1, 1] + 0.25 per politeness marker (at most 2)
-    - 0.15 per word under 4 words - 0.05 per word over 20 words. Empty text: -2."""
+    """compound VADER sentiment in [-1, 1] + 0.25 per politeness marker found at the start of a word (at most
+    2) - 0.15 per word under 4 words - 0.05 per word over 20 words. Empty text: -2. The markers are matched as
+    word prefixes, each once: "thanks" counts both "thank" and "thanks", "kindly" and "kindle" count "kind"."""
     global _VADER
     if _VADER is None:
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
@@ -78,32 +81,45 @@ def split_hh(text: str, where: str = "") -> tuple[list[tuple[str, str]], str]:
     return turns, parts[-1].strip()
 
 
+def _read_lines(path: str):
+    """(line number, bytes) of a plain or gzip file; a truncated or corrupt file is an error naming the line."""
+    n = 0
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                yield n, raw
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise ValueError(f"{path}:{n + 1}: cannot read the file ({type(e).__name__}: {e})") from None
+
+
 def load_hh(path: str) -> list[Pair]:
     """Read an HH-RLHF file (.jsonl or .jsonl.gz): one JSON object per line with string fields 'chosen' and
-    'rejected' sharing the same dialogue prefix. Errors (not UTF-8, bad JSON, missing fields) name the line."""
+    'rejected' sharing the same dialogue prefix. Errors (not UTF-8, a corrupt gzip stream, bad JSON, missing
+    fields, an unpaired surrogate escape) name the line."""
     pairs, mismatched = [], 0
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            where = f"{path}:{n}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{where}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            for k in ("chosen", "rejected"):
-                if not isinstance(obj.get(k), str):
-                    raise ValueError(f"{where}: missing or non-string field {k!r}")
-            prompt, chosen = split_hh(obj["chosen"], where + " (chosen)")
-            prompt_r, rejected = split_hh(obj["rejected"], where + " (rejected)")
-            mismatched += prompt_r != prompt  # HH-RLHF has a few; keep the chosen side's prompt
-            pairs.append(Pair(prompt, chosen, rejected, n))
+    for n, raw in _read_lines(path):
+        where = f"{path}:{n}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{where}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        for k in ("chosen", "rejected"):
+            if not isinstance(obj.get(k), str):
+                raise ValueError(f"{where}: missing or non-string field {k!r}")
+            if re.search("[\ud800-\udfff]", obj[k]):  # valid JSON, but not text: the tokenizer would fail later
+                raise ValueError(f"{where}: field {k!r} holds an unpaired surrogate escape (\\ud800-\\udfff)")
+        prompt, chosen = split_hh(obj["chosen"], where + " (chosen)")
+        prompt_r, rejected = split_hh(obj["rejected"], where + " (rejected)")
+        mismatched += prompt_r != prompt  # HH-RLHF has a few; keep the chosen side's prompt
+        pairs.append(Pair(prompt, chosen, rejected, n))
     if not pairs:
         raise ValueError(f"{path}: no preference pairs")
     if mismatched:
@@ -149,13 +165,10 @@ def prompt_text(prompt: list[tuple[str, str]]) -> str:
 
 
 def train_tokenizer(texts: list[str], vocab: int, path: str):
-    """Byte-level BPE trained offline with `tokenizers`; specials [PAD] = 0, [H] = 1, [A] = 2. Cached as JSON."""
+    """Byte-level BPE trained offline with `tokenizers`; specials [PAD] = 0, [H] = 1, [A] = 2; saved to path.
+    Trained on every run (deterministic, and under a second here), so it always matches this run's data;
+    the cached stages are keyed on its hash."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    if os.path.exists(path):
-        tok = Tokenizer.from_file(path)
-        if tok.get_vocab_size() != vocab:
-            raise ValueError(f"{path} has vocabulary {tok.get_vocab_size()}, --vocab is {vocab}; use another --out")
-        return tok
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     tok.decoder = decoders.ByteLevel()
@@ -212,6 +225,15 @@ class TextData:
     info: dict = field(default_factory=dict)
 
 
+def file_sha256(path: str) -> str:
+    """The first 16 hex digits of the file's sha256."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
 def prepare_data(path: str, out: str, vocab: int, prompt_len: int, response_len: int, seed: int = 0,
                  max_pairs: int | None = None, long: str = "skip") -> TextData:
     """Load the pairs, split them by prompt (15% of the prompts held out), train the tokenizer on the training
@@ -242,7 +264,8 @@ def prepare_data(path: str, out: str, vocab: int, prompt_len: int, response_len:
     first_q = np.sort(np.unique(xq.numpy(), axis=0, return_index=True)[1])
     lm = torch.from_numpy(np.unique(c_tr.numpy(), axis=0))  # supervised fine-tuning data: the preferred responses
     info = dict(source=path, pairs=len(train) + len(test), skipped_long_prompts=skipped, train_prompts=len(first_p),
-                test_prompts=len(first_q), lm_sequences=len(lm), vocab=tok.get_vocab_size())
+                test_prompts=len(first_q), lm_sequences=len(lm), vocab=tok.get_vocab_size(), sha256=file_sha256(path),
+                tokenizer_sha256=hashlib.sha256(tok.to_str().encode()).hexdigest()[:16])
     return TextData(tok, xp[first_p], xq[first_q], [test[i].chosen for i in first_q], lm, (c_tr[half], r_tr[half]),
                     (torch.cat([c_tr[rest], c_te]), torch.cat([r_tr[rest], r_te])), info)
 

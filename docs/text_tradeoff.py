@@ -3,7 +3,7 @@
     for a in 0.0 0.03 0.1 0.3 1.0; do python train_text.py --kl-coef $a --out runs/text_kl$a; done
     python docs/text_tradeoff.py runs/text_kl*         # -> docs/text_tradeoff.png and a markdown table
 
-Copy pretrain.pt, reward_model_steps16.pt, policy_pairs_steps16.pt and tokenizer.json of the first run into
+Copy pretrain.pt, reward_model_steps16.pt and policy_pairs_steps16.pt of the first run into
 the other --out folders before starting them: the runs then share the pre-trained LM and the reward model, and
 only SEPO and the evaluation run again. Each point is one run: the gold judge's win rate against the
 pre-trained model (95% bootstrap interval over prompts) and the reward-model score, against the perplexity
