@@ -278,8 +278,7 @@ def pretrain(cfg: Config, train: DnaData, val: DnaData, device) -> nn.Module:
                                                for xb in xval.split(256)]))}
     train_loop("pretrain", model, lambda i, g: sepo.pretrain_loss(model, graph, noise, xtr[i], generator=g), len(xtr),
                cfg.pretrain_steps, cfg.pretrain_batch, cfg.pretrain_lr, os.path.join(cfg.out, "pretrain.pt"),
-               keys(cfg, *PRETRAIN_KEYS),
-               cfg.seed, cfg.val_every, val_loss, cfg.min_delta)
+               keys(cfg, *PRETRAIN_KEYS), cfg.seed, cfg.val_every, val_loss, cfg.min_delta)
     return model.eval().requires_grad_(False)
 
 
@@ -343,7 +342,8 @@ def finetune(cfg: Config, pretrained: nn.Module, reward_fn, corrector_steps: int
         trainer.load_state_dict(ck["trainer"])
         if len(ck["history"]) > cfg.iters:
             raise ValueError(f"{path} holds {len(ck['history'])} iterations, more than --iters {cfg.iters}; use another --out")
-        history = ck["history"]  # an earlier, shorter run's last probe is off the every-ckpt_every schedule:
+        history = ck["history"]
+        # keep the every-ckpt_every probes (and this run's last): an earlier, shorter run also probed its last
         probes = [p for p in ck["probes"] if p["iteration"] % cfg.ckpt_every == 0 or p["iteration"] == cfg.iters]
         print(f"[{tag}] {'cached' if len(history) >= cfg.iters else 'resuming'}: {path} ({len(history)} iterations)")
     while len(history) < cfg.iters:
