@@ -726,9 +726,9 @@ class SEPO:
         if cfg.baseline == "group":  # Monte-Carlo value of the group's prompt; A = R - V(prompt)
             baseline = _mean(reward.view(-1, cfg.group_size), 1).repeat_interleave(cfg.group_size)
         elif cfg.baseline == "running":
-            m, mean = cfg.baseline_momentum, reward.mean().item()
+            m, mean = cfg.baseline_momentum, _mean(reward, 0).item()
             baseline = self.running_baseline if self.running_baseline is not None else mean
-            self.running_baseline = m * baseline + (1 - m) * mean
+            self.running_baseline = baseline + (1 - m) * (mean - baseline)  # stays put on a constant reward
         return ppo_advantages(reward, baseline, cfg.normalize_adv)
 
     def _prefix(self) -> Optional[Tensor]:

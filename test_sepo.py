@@ -244,13 +244,16 @@ def test_identical_rewards_give_exactly_zero_advantages():
 
 
 @pytest.mark.parametrize("advantage, baseline, normalize", [("grpo", "batch", False), ("ppo", "group", False),
-                                                            ("ppo", "batch", True)])
+                                                            ("ppo", "batch", True), ("ppo", "running", False)])
 def test_a_constant_reward_leaves_the_model_unchanged(advantage, baseline, normalize):
     # no KL, and every group's rewards identical: the clipped objective has zero gradient, so no update at all
+    # (three iterations: the running baseline must stay exactly on a constant reward)
     graph, noise, model = make("masked")
     before = copy.deepcopy(model.state_dict())
     cfg = small_cfg(kl_coef=0.0, group_size=8, advantage=advantage, baseline=baseline, normalize_adv=normalize)
-    sepo.SEPO(model, graph, noise, lambda x: torch.full((len(x),), 0.1), 6, cfg).step()
+    trainer = sepo.SEPO(model, graph, noise, lambda x: torch.full((len(x),), 0.1), 6, cfg)
+    for _ in range(3):
+        trainer.step()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 

@@ -101,12 +101,14 @@ def test_gosai_file_without_a_chromosome_column_gets_a_fixed_split(tmp_path, nam
 
 
 def test_gosai_loader_good(tmp_path):
-    rows = [(rand_seq(), 1.5, -0.2, 0.3, "chr1"), (rand_seq(), -1.0, 2.0, 0.0, "7"), (rand_seq(), 0, 0, 0, "Chr7")]
+    rows = [(rand_seq(), 1.5, -0.2, 0.3, "chr1"), (rand_seq(), -1.0, 2.0, 0.0, "7"), (rand_seq(), 0, 0, 0, "Chr7"),
+            (rand_seq(), 0, 0, 0, "2.0"), (rand_seq(), 0, 0, 0, "chrX")]
     d = D.load_data(write_gosai(tmp_path / "g.csv", HEADER, rows))
-    assert d.kind == "gosai" and d.x.shape == (3, 200)
-    assert torch.allclose(d.y, torch.tensor([[1.5, -0.2, 0.3], [-1.0, 2.0, 0.0], [0.0, 0.0, 0.0]]))
-    assert d.chrom.tolist() == ["chr1", "chr7", "chr7"]  # bare numbers get the chr prefix; any case of it is chr
-    assert d.signal.tolist() == [1.5, -1.0, 0.0]         # top set ranked by HepG2 activity
+    assert d.kind == "gosai" and d.x.shape == (5, 200)
+    assert torch.allclose(d.y[:3], torch.tensor([[1.5, -0.2, 0.3], [-1.0, 2.0, 0.0], [0.0, 0.0, 0.0]]))
+    # bare numbers get the chr prefix, any case of it is chr, and a number written as a float (2.0) is a number
+    assert d.chrom.tolist() == ["chr1", "chr7", "chr7", "chr2", "chrX"]
+    assert d.signal.tolist() == [1.5, -1.0, 0.0, 0.0, 0.0]  # top set ranked by HepG2 activity
 
 
 @pytest.mark.parametrize("header,rows,msg", [

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -26,14 +27,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import sepo
-from data.dna import (CELL_TYPES, SEQ_LEN, DnaData, auroc, data_sha256, decode_sequences, hepg2_score, kmer_counts,
-                      load_data, load_jaspar_pwms, motif_hits, oracle_chromosomes, pearson, spearman,
-                      split_by_chromosome, top_hepg2)
+from data.dna import (CELL_TYPES, SEQ_LEN, DnaData, auroc, data_sha256, decode_sequences, hepg2_score, kmer_counts, load_data,
+                      load_jaspar_pwms, motif_hits, oracle_chromosomes, pearson, spearman, split_by_chromosome, top_hepg2)
+
+GRAPH, NOISE = sepo.Masked(4), sepo.LogLinear()  # the DNA diffusion: MDLM's absorbing graph over A, C, G, T
 
 
 # ---------------------------------------------------------------------------- configuration
-
-
 def arg(default, help: str, choices: Optional[tuple] = None):
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
 
@@ -96,11 +96,10 @@ PRESETS = {
                 oracle_epochs=4, iters=60, lr=1e-4, batch=8, group=8, kl_coef=0.2, kl_steps=128, snis=4,
                 steps=128, pl_positions=16, ckpt_every=10, bon_max=64, elbo_t=8),
     # The paper's settings (docs/math.md §10); the denoiser follows the DRAKES CNN layout.
-    "paper": dict(hidden=128, stacks=4, pretrain_steps=100_000, pretrain_batch=256, pretrain_lr=1e-3,
-                  val_every=5000, oracle_dim=192, oracle_depth=4, oracle_heads=8, oracle_downsamples=3,
-                  oracle_epochs=10, oracle_lr=5e-4, access_epochs=10, iters=500, lr=1e-4, batch=8, group=8,
-                  epochs=2, clip_eps=0.2, kl_coef=0.05, kl_steps=10, snis=4, steps=128, pl_positions=16,
-                  ckpt_every=25, bon_max=64, elbo_t=16),
+    "paper": dict(hidden=128, stacks=4, pretrain_steps=100_000, pretrain_batch=256, pretrain_lr=1e-3, val_every=5000,
+                  oracle_dim=192, oracle_depth=4, oracle_heads=8, oracle_downsamples=3, oracle_epochs=10, oracle_lr=5e-4,
+                  access_epochs=10, iters=500, lr=1e-4, batch=8, group=8, epochs=2, clip_eps=0.2, kl_coef=0.05, kl_steps=10,
+                  snis=4, steps=128, pl_positions=16, ckpt_every=25, bon_max=64, elbo_t=16),
     "tiny": dict(hidden=8, pretrain_steps=4, pretrain_batch=8, val_every=2, oracle_dim=12, oracle_downsamples=3,
                  oracle_epochs=1, access_epochs=1, oracle_batch=16, iters=2, batch=2, group=2, steps=3, kl_steps=2,
                  pl_positions=2, ckpt_every=1, n_eval=6, bon_max=2, elbo_t=2),
@@ -119,8 +118,6 @@ def parse_args(argv: Optional[list[str]] = None) -> Config:
 
 
 # ---------------------------------------------------------------------------- models
-
-
 class DilatedCNNDenoiser(nn.Module):
     """MDLM denoiser p_theta(x_0 | x_t): residual dilated 1-d convolutions (the DRAKES DNA layout: stacks of
     dilations 1, 1, 4, 16, 64), time-conditioned on sigmabar by a learned per-layer shift."""
@@ -151,12 +148,10 @@ class EnformerOracle(nn.Module):
         super().__init__()
         from enformer_pytorch import Enformer
         if (dim // heads) % 6 or dim % heads or downsamples < 3:
-            raise ValueError(f"Enformer needs dim // heads a multiple of 6 and >= 3 downsamples "
-                             f"(got dim={dim}, heads={heads}, downsamples={downsamples})")
-        self.trunk = Enformer.from_hparams(
-            dim=dim, depth=depth, heads=heads, attn_dim_key=max(dim // heads, 8), num_downsamples=downsamples,
-            dim_divisible_by=dim // 4, target_length=-1, output_heads=dict(human=1), dropout_rate=0.1,
-            attn_dropout=0.05, pos_dropout=0.01)
+            raise ValueError(f"Enformer needs dim // heads a multiple of 6, >= 3 downsamples: {dim=} {heads=} {downsamples=}")
+        self.trunk = Enformer.from_hparams(dim=dim, depth=depth, heads=heads, attn_dim_key=max(dim // heads, 8),
+                                           num_downsamples=downsamples, dim_divisible_by=dim // 4, target_length=-1,
+                                           output_heads=dict(human=1), dropout_rate=0.1, attn_dropout=0.05, pos_dropout=0.01)
         self.head = nn.Linear(2 * dim, n_out)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -184,15 +179,9 @@ def predict(model: nn.Module, x: Tensor, batch: int = 512) -> Tensor:
 
 
 # ---------------------------------------------------------------------------- stages: cached, resumable
-
-
 def save_atomic(obj, path: str) -> None:
     """Text or torch.save to a temporary file, then os.replace: a crash never leaves a half-written file."""
-    if isinstance(obj, str):
-        with open(f"{path}.tmp", "w") as f:
-            f.write(obj)
-    else:
-        torch.save(obj, f"{path}.tmp")
+    Path(f"{path}.tmp").write_text(obj) if isinstance(obj, str) else torch.save(obj, f"{path}.tmp")
     os.replace(f"{path}.tmp", path)
 
 
@@ -228,17 +217,17 @@ def train_loop(name: str, model: nn.Module, loss_fn: Callable[[Tensor, torch.Gen
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
     device = next(model.parameters()).device
     gen, mgen = torch.Generator().manual_seed(seed), torch.Generator(device).manual_seed(seed + 1)
-    step, run, metrics, best, tic, ck = 0, 0.0, {}, math.inf, time.perf_counter(), load_ckpt(path, settings)
+    step, run, metrics, best, done, tic, ck = 0, 0.0, {}, math.inf, False, time.perf_counter(), load_ckpt(path, settings)
     if ck is not None:
         model.load_state_dict(ck["model"])
         if ck["done"]:
             print(f"[{name}] cached in {path}: {fmt(ck['metrics'])}")
             return ck["metrics"]
-        opt.load_state_dict(ck["opt"]), sched.load_state_dict(ck["sched"]), gen.set_state(ck["gen"])
-        mgen.set_state(ck["mgen"])
+        opt.load_state_dict(ck["opt"]), sched.load_state_dict(ck["sched"])
+        gen.set_state(ck["gen"]), mgen.set_state(ck["mgen"])
         step, best, run = ck["step"], ck["best"], ck["run"]  # run: the smoothed loss goes on where it was
         print(f"[{name}] resuming at step {step}/{steps}")
-    while step < steps:
+    while step < steps and not done:
         model.train()
         loss = loss_fn(torch.randint(n, (batch,), generator=gen).to(device), mgen)
         opt.zero_grad(set_to_none=True)
@@ -255,8 +244,6 @@ def train_loop(name: str, model: nn.Module, loss_fn: Callable[[Tensor, torch.Gen
             save_atomic(dict(settings=settings, model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
                              gen=gen.get_state(), mgen=mgen.get_state(), step=step, best=best, run=run,
                              done=done, metrics=metrics), path)
-            if done:
-                break
     return metrics
 
 
@@ -266,7 +253,6 @@ def fmt(d: dict) -> str:
 
 def pretrain(cfg: Config, train: DnaData, val: DnaData, device) -> nn.Module:
     """Stage 2: the MDLM denoiser, trained on the training chromosomes with sepo.pretrain_loss."""
-    graph, noise = sepo.Masked(4), sepo.LogLinear()
     torch.manual_seed(cfg.seed)
     model = DilatedCNNDenoiser(cfg.hidden, cfg.stacks).to(device)
     xtr, xval = train.x.to(device), val.x[:2048].to(device)
@@ -274,9 +260,9 @@ def pretrain(cfg: Config, train: DnaData, val: DnaData, device) -> nn.Module:
     def val_loss() -> dict:
         g = torch.Generator(device).manual_seed(cfg.seed + 7)
         with torch.no_grad():
-            return {"val_loss": float(np.mean([sepo.pretrain_loss(model.eval(), graph, noise, xb, generator=g).item()
+            return {"val_loss": float(np.mean([sepo.pretrain_loss(model.eval(), GRAPH, NOISE, xb, generator=g).item()
                                                for xb in xval.split(256)]))}
-    train_loop("pretrain", model, lambda i, g: sepo.pretrain_loss(model, graph, noise, xtr[i], generator=g), len(xtr),
+    train_loop("pretrain", model, lambda i, g: sepo.pretrain_loss(model, GRAPH, NOISE, xtr[i], generator=g), len(xtr),
                cfg.pretrain_steps, cfg.pretrain_batch, cfg.pretrain_lr, os.path.join(cfg.out, "pretrain.pt"),
                keys(cfg, *PRETRAIN_KEYS), cfg.seed, cfg.val_every, val_loss, cfg.min_delta)
     return model.eval().requires_grad_(False)
@@ -311,8 +297,7 @@ def train_oracles(cfg: Config, train: DnaData, test: DnaData, device) -> tuple[d
                                   lambda m=m, h=held_out: h(m))
         models[name] = m.eval().requires_grad_(False)
         if any(k.endswith("auroc") and v < 0.6 for k, v in report[name].items()):  # seeds differ: docs/dna.md
-            print(f"[oracles] WARNING: {name} is near chance on {cfg.test_chrom} ({fmt(report[name])}); "
-                  "its metric means little")
+            print(f"[oracles] WARNING: {name} is near chance on {cfg.test_chrom}: {fmt(report[name])}")
     report["agreement"] = pearson(*(hepg2_score(predict(models[k], test.x), train.kind) for k in ("ft_oracle", "eval_oracle")))
     print(f"[oracles] test-chromosome Pearson of the two oracles' HepG2 scores: {report['agreement']:.3f}")
     return models, report
@@ -331,8 +316,8 @@ def finetune(cfg: Config, pretrained: nn.Module, reward_fn, corrector_steps: int
     """Stage 4: sepo.SEPO from the pre-trained weights; a line per iteration, a checkpoint (and a probe of the
     evaluation metrics, for the trade-off plot) every ckpt_every iterations. -> (model, history, probes)."""
     scfg = sepo_config(cfg, corrector_steps)
-    trainer = sepo.SEPO(copy.deepcopy(pretrained).requires_grad_(True), sepo.Masked(4), sepo.LogLinear(), reward_fn,
-                        SEQ_LEN, scfg, ref_model=pretrained)
+    trainer = sepo.SEPO(copy.deepcopy(pretrained).requires_grad_(True), GRAPH, NOISE, reward_fn, SEQ_LEN, scfg,
+                        ref_model=pretrained)
     # keyed on every setting of the stages it builds on (its reward, its probes' scorers): no stale run is reused
     path = os.path.join(cfg.out, f"{tag}.pt")
     settings = {**keys(cfg, *PRETRAIN_KEYS, *ORACLE_KEYS, *ACCESS_KEYS, "ckpt_every", "n_eval", "elbo_t"),
@@ -353,18 +338,14 @@ def finetune(cfg: Config, pretrained: nn.Module, reward_fn, corrector_steps: int
               f"kl {s['kl']:.4f} clip {s['clip_frac']:.2f} ratio {s['ratio_mean']:.3f} time {s['time']:.1f}s", flush=True)
         if len(history) % cfg.ckpt_every == 0 or len(history) == cfg.iters:
             probes.append({"iteration": len(history), **probe(trainer.model, corrector_steps)})
-            save_atomic({"settings": settings, "trainer": trainer.state_dict(), "history": history,
-                         "probes": probes}, path)
+            save_atomic({"settings": settings, "trainer": trainer.state_dict(), "history": history, "probes": probes}, path)
     return trainer.model.eval().requires_grad_(False), history, probes
 
 
 # ---------------------------------------------------------------------------- evaluation and report
-
-
 def draw(cfg: Config, model: nn.Module, n: int, corrector_steps: int, seed: int) -> Tensor:
     g = torch.Generator(next(model.parameters()).device).manual_seed(seed)
-    return sepo.sample(model, sepo.Masked(4), sepo.LogLinear(), n, SEQ_LEN, cfg.steps, corrector_steps,
-                       generator=g, batch_size=512).cpu()
+    return sepo.sample(model, GRAPH, NOISE, n, SEQ_LEN, cfg.steps, corrector_steps, generator=g, batch_size=512).cpu()
 
 
 def make_scorer(cfg: Config, models: dict, pretrained: nn.Module, train: DnaData) -> Callable[[Tensor], dict]:
@@ -375,7 +356,7 @@ def make_scorer(cfg: Config, models: dict, pretrained: nn.Module, train: DnaData
 
     def score(x: Tensor) -> dict:
         g = torch.Generator(device).manual_seed(cfg.seed + 200)  # the same noise for every row: paired
-        ll = sepo.elbo(pretrained, sepo.Masked(4), sepo.LogLinear(), x.to(device), cfg.elbo_t, generator=g, batch_size=256)
+        ll = sepo.elbo(pretrained, GRAPH, NOISE, x.to(device), cfg.elbo_t, generator=g, batch_size=256)
         return {"Pred-Activity": hepg2_score(predict(models["eval_oracle"], x), train.kind).median().item(),
                 "ATAC-Acc %": 100 * (predict(models["access"], x) > 0).float().mean().item(),
                 "3-mer corr": pearson(kmer_counts(x), top_kmers),
@@ -388,7 +369,7 @@ def make_scorer(cfg: Config, models: dict, pretrained: nn.Module, train: DnaData
 def evaluate(cfg: Config, score, pretrained: nn.Module, runs: dict, models: dict, test: DnaData) -> tuple[dict, list]:
     """Stage 5: the table's rows, and best-of-N from one pool of pre-trained samples for N = 1, 2, 4, ..."""
     rows = {"Pre-trained": draw(cfg, pretrained, cfg.n_eval, 0, cfg.seed + 100)}
-    for j, (name, (model, gf, _, _)) in enumerate(runs.items()):
+    for j, (name, (gf, model, _, _)) in enumerate(runs.items()):
         rows[name] = draw(cfg, model, cfg.n_eval, gf, cfg.seed + 101 + j)
     n_match = 1 + math.ceil(cfg.iters * cfg.batch * cfg.group / cfg.n_eval)  # SEPO's sampling budget
     n_pool = max(cfg.bon_max, n_match)
@@ -425,9 +406,9 @@ def report(cfg: Config, results: dict, bon: list, runs: dict, oracles: dict, sta
                             "stage_seconds": stamps, "runs": history}, indent=1), os.path.join(cfg.out, "results.json"))
     from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
     fig = Figure(figsize=(12, 3.2))
-    ax = fig.subplots(1, 3)
-    for a, key, title in zip(ax, ["reward_mean", "kl", "clip_frac"], ["mean reward R(x) of the rollouts",
-                                                                     "path KL to the pre-trained model", "clip fraction"]):
+    panels = {"reward_mean": "mean reward R(x) of the rollouts", "kl": "path KL to the pre-trained model",
+              "clip_frac": "clip fraction"}
+    for a, (key, title) in zip(fig.subplots(1, 3), panels.items()):
         for name, run in history.items():
             a.plot([s[key] for s in run["history"]], label=name)
         a.set(title=title, xlabel="SEPO iteration"), a.legend(fontsize=7)
@@ -442,21 +423,16 @@ def bench(cfg: Config, device: torch.device) -> dict:
     torch.manual_seed(cfg.seed)
     model = DilatedCNNDenoiser(cfg.hidden, cfg.stacks).to(device)
     oracle = EnformerOracle(4, cfg.oracle_dim, cfg.oracle_depth, cfg.oracle_heads, cfg.oracle_downsamples).to(device)
-    cuda, out = device.type == "cuda", {}
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    reward_fn, cuda, out = lambda x: hepg2_score(predict(oracle, x), "encode"), device.type == "cuda", {}
     for gf in sorted({0, cfg.corrector_steps}):
-        trainer = sepo.SEPO(model, sepo.Masked(4), sepo.LogLinear(), lambda x: hepg2_score(predict(oracle, x), "encode"),
-                            SEQ_LEN, sepo_config(cfg, gf))
+        trainer = sepo.SEPO(model, GRAPH, NOISE, reward_fn, SEQ_LEN, sepo_config(cfg, gf))
         if cuda:
             torch.cuda.synchronize(), torch.cuda.reset_peak_memory_stats()
-        tic = time.perf_counter()
-        trainer.step()
-        if cuda:
-            torch.cuda.synchronize()  # CUDA runs asynchronously: wait for the step before reading the clock
-        out[f"step_s_gf{gf}"] = time.perf_counter() - tic
+        t = out[f"step_s_gf{gf}"] = trainer.step()["time"]  # step() reads its statistics back: CUDA has finished
         mem = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
-        print(f"[bench] {cfg.batch}x{cfg.group} samples, {cfg.steps} steps, corrector_steps={gf}, grad={cfg.grad}, "
-              f"ratio={cfg.ratio}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter denoiser on "
-              f"{device}: one trainer.step() {out[f'step_s_gf{gf}']:.2f}s, peak GPU memory {mem:.2f} GiB", flush=True)
+        print(f"[bench] {cfg.batch}x{cfg.group} samples, {cfg.steps} steps, corrector_steps={gf}, {n_params:.2f}M-parameter "
+              f"denoiser on {device}, grad {cfg.grad}, ratio {cfg.ratio}: one trainer.step() {t:.2f}s, peak GPU {mem:.2f} GiB")
     return out
 
 
@@ -482,10 +458,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     score = make_scorer(cfg, models, pretrained, split["train"])
     reward_fn = lambda x: hepg2_score(predict(models["ft_oracle"], x), data.kind).to(x.device)  # the only reward
     probe = lambda m, gf: score(draw(cfg, m, cfg.n_eval, gf, cfg.seed + 150))
-    runs = {}
+    runs = {}  # name: (corrector steps, model, history, probes)
     for name, gf in [("SEPO", 0)] + ([("SEPO with GF", cfg.corrector_steps)] if cfg.corrector_steps else []):
-        model, history, probes = finetune(cfg, pretrained, reward_fn, gf, "sepo_gf" if gf else "sepo", probe)
-        runs[name] = (model, gf, history, probes)
+        runs[name] = (gf, *finetune(cfg, pretrained, reward_fn, gf, "sepo_gf" if gf else "sepo", probe))
     stamps["sepo"] = time.perf_counter() - tic - sum(stamps.values())
     results, bon = evaluate(cfg, score, pretrained, runs, models, split["test"])
     stamps["evaluation"] = time.perf_counter() - tic - sum(stamps.values())

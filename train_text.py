@@ -20,6 +20,7 @@ import json
 import math
 import os
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -33,8 +34,6 @@ from data.text import (DEFAULT_PAIRS, PAD, TextData, bootstrap_ci, decode, disti
 
 
 # ---------------------------------------------------------------------------- configuration
-
-
 def arg(default, help: str, choices: Optional[tuple] = None):
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
 
@@ -104,11 +103,10 @@ PRESETS = {
                 pretrain_batch=128, pretrain_lr=5e-4, rm_d_model=256, rm_layers=4, rm_heads=4, rm_lr=3e-4, steps=128,
                 iters=100, batch=8, group=8, lr=1e-4, kl_steps=10, snis=4, pl_positions=16, micro_batch=16),
     # The paper's SEPO settings (docs/math.md §10) on a SEDD-small-sized network (12 x 768, ~99M parameters).
-    "paper": dict(vocab=4096, prompt_len=64, response_len=64, d_model=768, n_layers=12, n_heads=12,
-                  pretrain_steps=50_000, pretrain_batch=64, pretrain_lr=3e-4, rm_d_model=768, rm_layers=12, rm_heads=12,
-                  rm_epochs=1.0, rm_batch=32, rm_lr=5e-5, policy_pairs=4, steps=128, iters=7000, batch=8, group=8,
-                  lr=1e-4, kl_coef=0.05, kl_steps=10, snis=4, pl_positions=16, micro_batch=8, eval_prompts=640,
-                  elbo_t=16),
+    "paper": dict(vocab=4096, prompt_len=64, response_len=64, d_model=768, n_layers=12, n_heads=12, pretrain_steps=50_000,
+                  pretrain_batch=64, pretrain_lr=3e-4, rm_d_model=768, rm_layers=12, rm_heads=12, rm_epochs=1.0, rm_batch=32,
+                  rm_lr=5e-5, policy_pairs=4, steps=128, iters=7000, batch=8, group=8, lr=1e-4, kl_coef=0.05, kl_steps=10,
+                  snis=4, pl_positions=16, micro_batch=8, eval_prompts=640, elbo_t=16),
     "tiny": dict(vocab=300, prompt_len=12, response_len=8, d_model=32, n_layers=1, n_heads=2, pretrain_steps=20,
                  pretrain_batch=16, rm_d_model=32, rm_layers=1, rm_heads=2, rm_epochs=0.05, rm_batch=32, policy_pairs=1,
                  steps=4, iters=2, batch=2, group=2, lr=1e-4, epochs=1, kl_steps=2, snis=2, pl_positions=4,
@@ -131,8 +129,6 @@ def parse_args(argv: Optional[list[str]] = None) -> Config:
 
 
 # ---------------------------------------------------------------------------- models
-
-
 class ScoreNet(nn.Module):
     """Bidirectional transformer conditioned on the total noise sigma. Uniform graph: log concrete scores
     log s(x, t)[l, v] (V = n); masked graph: denoiser logits over the n clean tokens (input vocabulary n + 1).
@@ -199,15 +195,9 @@ class RewardModel(nn.Module):
 
 
 # ---------------------------------------------------------------------------- stages: cached, resumable
-
-
 def save_atomic(obj, path: str) -> None:
     """Text or torch.save to a temporary file, then os.replace: a crash never leaves a half-written file."""
-    if isinstance(obj, str):
-        with open(f"{path}.tmp", "w") as f:
-            f.write(obj)
-    else:
-        torch.save(obj, f"{path}.tmp")
+    Path(f"{path}.tmp").write_text(obj) if isinstance(obj, str) else torch.save(obj, f"{path}.tmp")
     os.replace(f"{path}.tmp", path)
 
 
@@ -331,12 +321,11 @@ def train_reward_model(cfg: Config, data: TextData, graph, noise, pre: nn.Module
 
 
 def sepo_config(cfg: Config) -> sepo.SEPOConfig:
-    return sepo.SEPOConfig(lr=cfg.lr, batch_size=cfg.batch, group_size=cfg.group, epochs=cfg.epochs,
-                           clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef, kl_steps=min(cfg.kl_steps, cfg.steps),
-                           snis_samples=cfg.snis, steps=cfg.steps, corrector_steps=cfg.corrector_steps, advantage="ppo",
-                           baseline=cfg.baseline, pl_positions=cfg.pl_positions, t_eval=cfg.t_eval or None,
-                           grad=cfg.grad, ratio=cfg.ratio, path_steps=cfg.path_steps or None,
-                           micro_batch=cfg.micro_batch or None, amp=cfg.amp, seed=cfg.seed)
+    return sepo.SEPOConfig(lr=cfg.lr, batch_size=cfg.batch, group_size=cfg.group, epochs=cfg.epochs, clip_eps=cfg.clip_eps,
+                           kl_coef=cfg.kl_coef, kl_steps=min(cfg.kl_steps, cfg.steps), snis_samples=cfg.snis, steps=cfg.steps,
+                           corrector_steps=cfg.corrector_steps, advantage="ppo", baseline=cfg.baseline,
+                           pl_positions=cfg.pl_positions, t_eval=cfg.t_eval or None, grad=cfg.grad, ratio=cfg.ratio,
+                           path_steps=cfg.path_steps or None, micro_batch=cfg.micro_batch or None, amp=cfg.amp, seed=cfg.seed)
 
 
 def finetune(cfg: Config, data: TextData, graph, noise, pre: nn.Module, rm: RewardModel) -> tuple[nn.Module, list]:
@@ -368,8 +357,6 @@ def finetune(cfg: Config, data: TextData, graph, noise, pre: nn.Module, rm: Rewa
 
 
 # ---------------------------------------------------------------------------- evaluation and report
-
-
 def evaluate(cfg: Config, data: TextData, graph, noise, pre: nn.Module, ft: nn.Module, rm: RewardModel) -> tuple[list, list]:
     """Stage 5, on held-out prompts: --eval-samples responses per prompt and model. A first pre-trained draw is
     the reference every row is judged against; a second pre-trained draw shows the win rate of no change."""
@@ -419,9 +406,9 @@ def report(cfg: Config, rows: list, examples: list, history: list, info: dict, s
         save_atomic(text, os.path.join(cfg.out, name))
     from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
     fig = Figure(figsize=(12, 3.2))
-    ax = fig.subplots(1, 3)
-    for a, key, title in zip(ax, ["reward_mean", "kl", "clip_frac"], ["mean reward R(x) of the rollouts",
-                                                                     "path KL to the pre-trained model", "clip fraction"]):
+    panels = {"reward_mean": "mean reward R(x) of the rollouts", "kl": "path KL to the pre-trained model",
+              "clip_frac": "clip fraction"}
+    for a, (key, title) in zip(fig.subplots(1, 3), panels.items()):
         a.plot([h[key] for h in history]), a.set(title=title, xlabel="SEPO iteration")
     fig.tight_layout(), fig.savefig(os.path.join(cfg.out, f"curves_{tag}.png"), dpi=110)
     return result
@@ -438,10 +425,7 @@ def bench(cfg: Config, device: torch.device) -> dict:
                         prompt_fn=lambda k, gen: prompts[torch.randint(256, (k,), generator=gen).to(device)])
     if device.type == "cuda":
         torch.cuda.synchronize(), torch.cuda.reset_peak_memory_stats()
-    tic = time.perf_counter()
-    trainer.step()
-    torch.cuda.synchronize() if device.type == "cuda" else None
-    out = {"step_s": time.perf_counter() - tic,
+    out = {"step_s": trainer.step()["time"],  # its statistics are read back (.item()): CUDA has finished
            "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")}
     print(f"[bench] {cfg.batch}x{cfg.group} responses, {cfg.steps} steps, micro_batch={cfg.micro_batch or 'all'}, "
           f"grad={cfg.grad}, ratio={cfg.ratio}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M-parameter "

@@ -19,6 +19,7 @@ import gzip
 import hashlib
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -130,7 +131,9 @@ def load_gosai(path: str, split_seed: int = 0) -> DnaData:
     for i, c in enumerate(chrom, 1):
         if c.lower() in ("", "chr", "nan", "na", "none"):
             raise ValueError(f"{path}: row {i}: no chromosome ({c!r})")
-    chrom = np.array(["chr" + (c[3:] if c.lower().startswith("chr") else c) for c in chrom])  # 1, Chr1, chr1: chr1
+    names = [c[3:] if c.lower().startswith("chr") else c for c in chrom]  # 1, Chr1, chr1: chr1
+    # a numeric column saved as floats (2.0, as pandas may write it): chr2, not chr2.0
+    chrom = np.array(["chr" + (n.split(".")[0] if re.fullmatch(r"\d+\.0+", n) else n) for n in names])
     return DnaData(x, chrom, y, y[:, 0].clone(), "gosai")
 
 
