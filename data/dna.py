@@ -139,11 +139,8 @@ def load_gosai(path: str, split_seed: int = 0) -> DnaData:
 
 def data_sha256(path: str) -> str:
     """The first 16 hex digits of the sha256 of the file load_data(path) reads (the cached stages' key)."""
-    h = hashlib.sha256()
     with open(path or DEFAULT_DATA, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
 
 
 def load_data(path: str) -> DnaData:

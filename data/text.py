@@ -227,11 +227,8 @@ class TextData:
 
 def file_sha256(path: str) -> str:
     """The first 16 hex digits of the file's sha256."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
 
 
 def prepare_data(path: str, out: str, vocab: int, prompt_len: int, response_len: int, seed: int = 0,
