@@ -194,9 +194,8 @@ class Masked(Graph):
         return lp.masked_scatter(unmask, lp[unmask] + logp)
 
     def sample_path(self, x, sigmabars, n_fixed=0, generator=None):
-        # Forward masking times conditioned on "all masked at t = 1", the sampler's start: a
-        # position is masked at time t_k iff u (1 - alpha_1) <= 1 - alpha_{t_k}, u ~ U(0, 1].
-        # Conditioning changes p_fwd by a factor common to all paths, which SNIS cancels.
+        # Forward masking times given "all masked at t = 1", the sampler's start: masked at t_k iff
+        # u (1 - alpha_1) <= 1 - alpha_{t_k}, u ~ U(0, 1]. SNIS cancels the conditioning (common to all paths).
         one_m_alpha = -torch.expm1(-sigmabars.to(torch.get_default_dtype()))  # [T+1], 1 - alpha_t
         u = 1.0 - torch.rand(x.shape, device=x.device, generator=generator)
         masked = u[:, None, :] * one_m_alpha[0] <= one_m_alpha[None, :, None]
@@ -239,6 +238,8 @@ def sampler_schedule(steps: int, corrector_steps: int = 0, device=None) -> tuple
     """The sampler's transitions in order: predictor t_k -> t_{k+1}, then (for k < T - 1)
     `corrector_steps` corrector steps at t_{k+1} of length t_k - t_{k+1}. Returns (t [S], a [S],
     is_corrector [S]) with a = the predictor's target time s or the corrector's dtau."""
+    if steps < 1 or corrector_steps < 0:
+        raise ValueError(f"need steps >= 1 and corrector_steps >= 0, got {steps} and {corrector_steps}")
     ts, rows = time_grid(steps, device), []
     for k in range(steps):
         rows.append((ts[k], ts[k + 1], False))
@@ -365,6 +366,8 @@ def rollout(model, graph: Graph, noise, num_samples: int, length: int, steps: in
     n_fixed = 0 if prefix is None else prefix.shape[1]
     if n_fixed > length:
         raise ValueError(f"prefix of length {n_fixed} does not fit in length {length}")
+    if isinstance(graph, Masked) and noise(torch.zeros(1, device=device))[0].item() != 0:
+        raise ValueError("the masked graph needs sigmabar(0) = 0 (LogLinear): else the last step leaves MASK tokens")
     x = graph.sample_prior((num_samples, length), device, generator)
     if n_fixed:
         x[:, :n_fixed] = prefix
@@ -490,8 +493,7 @@ def log_pi_surrogate(model, graph: Graph, noise, x: Tensor, t_eval: float, n_fix
     if isinstance(graph, Masked):
         pos = pl_positions(B, free, positions, n_fixed, generator, x.device) if pos is None else pos
         P = pos.shape[1]
-        xm = x[:, None, :].repeat(1, P, 1)
-        xm.scatter_(-1, pos[..., None], graph.mask_id)
+        xm = x[:, None, :].repeat(1, P, 1).scatter_(-1, pos[..., None], graph.mask_id)
         out = model_output(model, graph, xm.view(B * P, L), sigmabar.repeat_interleave(P))
         out = out.view(B, P, L, -1).gather(2, pos[..., None, None].expand(B, P, 1, out.shape[-1])).squeeze(2)
         logp = graph.denoiser_log_probs(out)  # [B, P, n]: the denoiser at the masked position only
@@ -586,11 +588,11 @@ def grpo_advantages(reward: Tensor, group_size: int) -> Tensor:
 
 def ppo_advantages(reward: Tensor, baseline: Optional[float | Tensor] = None, normalize: bool = False) -> Tensor:
     """A = R - b, b = batch mean unless given (a running mean, or a per-sample prompt value, say);
-    optionally A / std (math §6)."""
+    normalize: whitened over the batch, (A - mean A) / std A, as in PPO implementations (math §6)."""
     if reward.numel() == 0:
         return reward
     adv = reward - (_mean(reward, 0) if baseline is None else baseline)
-    return adv / (adv.std(unbiased=False) + 1e-8) if normalize else adv
+    return (adv - _mean(adv, 0)) / ((adv - _mean(adv, 0)).std(unbiased=False) + 1e-8) if normalize else adv
 
 
 def clip_coefficients(log_ratio: Tensor, adv: Tensor, clip_eps: float = 0.2) -> tuple[Tensor, Tensor]:
@@ -613,9 +615,10 @@ def clipped_surrogate(psi: Tensor, log_ratio: Tensor, adv: Tensor, clip_eps: flo
 
 def path_kl(model, ref_model, graph: Graph, noise, states: Tensor, steps: int, n_fixed: int = 0,
             chunk_size: int = 1024) -> Tensor:
-    """Path KL between the fine-tuned and reference reverse chains over the last k steps [B]
-    (math §7): sum_k sum_l KL(P_theta(. | z_k) || P_ref(. | z_k)) at the rollout states
-    states [B, k, L] (detached), with the gradient through P_theta only."""
+    """Path KL between the fine-tuned and reference reverse chains over the last k steps [B] (math §7):
+    sum_k sum_l KL(P_theta(. | z_k) || P_ref(. | z_k)) at the rollout states states [B, k, L] (detached).
+    Its gradient is sum grad(p) (log p - log q), as sum p grad log p = grad sum p = 0: log p - log q is
+    detached, so at theta = ref the gradient is exactly 0, never rounding noise that Adam would amplify."""
     B, k, L = states.shape
     if B * k == 0:
         return states.new_zeros(B, dtype=torch.get_default_dtype())
@@ -627,20 +630,19 @@ def path_kl(model, ref_model, graph: Graph, noise, states: Tensor, steps: int, n
         with torch.no_grad():
             logq = predictor_log_probs(ref_model, graph, noise, z[j], t[j], s[j], n_fixed)
         diff = (logp - logq).masked_fill(~torch.isfinite(logp), 0.0)  # 0 log 0 = 0, NaN-free grads
-        kl.append((logp.exp() * diff).sum((-1, -2)))
+        kl.append((logp.exp() * diff.detach()).sum((-1, -2)))
     return torch.cat(kl).view(B, k).sum(1)
 
 
 def check_reward(reward, batch: int) -> Tensor:
     """The reward as a float tensor [batch]; a wrong shape or a NaN/inf is an error naming the culprit."""
-    reward = torch.as_tensor(reward).detach()
+    reward = torch.as_tensor(reward).detach().to(torch.get_default_dtype())  # cast first: 1e39 is inf in fp32
     if reward.shape != (batch,):
         raise ValueError(f"reward_fn returned shape {tuple(reward.shape)}, expected [{batch}]")
     bad = (~torch.isfinite(reward)).nonzero().flatten().tolist()
     if bad:
-        raise ValueError(f"reward_fn returned non-finite values for samples {bad[:10]}"
-                         f"{' ...' if len(bad) > 10 else ''}: {reward[bad[:10]].tolist()}")
-    return reward.to(torch.get_default_dtype())
+        raise ValueError(f"reward_fn returned non-finite values for samples {bad[:10]}: {reward[bad[:10]].tolist()}")
+    return reward
 
 
 # === 6. The trainer: Algorithm 1 (roll out pi_old, reward, advantages, K clipped epochs, KL). ====
@@ -663,7 +665,7 @@ class SEPOConfig:
     advantage: str = "grpo"      # "grpo" (group-normalised) or "ppo" (R - baseline)
     baseline: str = "batch"      # ppo baseline: "batch" mean, "running" mean, or "group" (prompt) mean
     baseline_momentum: float = 0.9
-    normalize_adv: bool = False  # ppo: divide A by its batch std
+    normalize_adv: bool = False  # ppo: whiten A over the batch, (A - mean) / std
     grad: str = "pl"             # grad log pi (math §3-4): "pl" (T2, the paper's), "path" (M paths), "rollout"
     ratio: str = "snis"          # pi_new / pi_old: "snis" over M forward paths (paper), "rollout" path
     path_steps: Optional[int] = None  # grad "path"/"rollout": transitions with gradient per path (None: all)
@@ -688,7 +690,7 @@ class SEPOConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name, ok, rule in (("kl_steps", 0 <= self.kl_steps <= self.steps, f"in [0, steps={self.steps}]"),
                                ("clip_eps", self.clip_eps > 0, "> 0"), ("max_grad_norm", self.max_grad_norm > 0, "> 0"),
-                               ("lr", self.lr >= 0, ">= 0"),
+                               ("lr", self.lr >= 0, ">= 0"), ("kl_coef", self.kl_coef >= 0, ">= 0"),
                                ("t_eval", self.t_eval is None or 0 < self.t_eval <= 1, "in (0, 1]"),
                                ("baseline_momentum", 0 <= self.baseline_momentum <= 1, "in [0, 1]")):
             if not ok:
@@ -741,9 +743,8 @@ class SEPO:
         return prompts.repeat_interleave(self.cfg.group_size, 0)
 
     def _autocast(self, on: bool = True):
-        if on and self.cfg.amp == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        bf16 = on and self.cfg.amp == "bf16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     def step(self) -> dict:
         """One iteration of Algorithm 1; returns its statistics."""
@@ -761,7 +762,7 @@ class SEPO:
             roll = rollout(model, graph, noise, B, self.length, cfg.steps, cfg.corrector_steps, prefix, self.gen,
                            keep_last=cfg.kl_steps, record="rollout" in (cfg.grad, cfg.ratio))
         x = roll.x
-        reward = check_reward(self.reward_fn(x), B).to(self.device)
+        reward = check_reward(self.reward_fn(x.clone()), B).to(self.device)  # a clone: reward_fn may edit it
         adv = self._advantages(reward)
         t_sample = time.perf_counter() - tic
 
@@ -836,15 +837,14 @@ class SEPO:
         return psi
 
     def state_dict(self) -> dict:
-        """Everything needed to resume exactly: weights, reference, optimizer, RNG streams."""
+        """All an exact resume needs. Its tensors are live, as nn.Module's: save it before the next step()."""
         return {"model": self.model.state_dict(), "ref_model": self.ref_model.state_dict(),
                 "optimizer": self.opt.state_dict(), "iteration": self.iteration,
                 "running_baseline": self.running_baseline, "gen": self.gen.get_state(),
                 "prompt_gen": self.prompt_gen.get_state(), "cfg": asdict(self.cfg)}
 
     def load_state_dict(self, sd: dict) -> None:
-        self.model.load_state_dict(sd["model"])
-        self.ref_model.load_state_dict(sd["ref_model"])
-        self.opt.load_state_dict(sd["optimizer"])
+        for key, obj in (("model", self.model), ("ref_model", self.ref_model), ("optimizer", self.opt)):
+            obj.load_state_dict(sd[key])
         self.iteration, self.running_baseline = sd["iteration"], sd["running_baseline"]
         self.gen.set_state(sd["gen"]), self.prompt_gen.set_state(sd["prompt_gen"])

@@ -243,14 +243,18 @@ def test_identical_rewards_give_exactly_zero_advantages():
             assert torch.equal(sepo.ppo_advantages(r[:G]), torch.zeros(G)), (value, G)
 
 
-@pytest.mark.parametrize("advantage, baseline, normalize", [("grpo", "batch", False), ("ppo", "group", False),
-                                                            ("ppo", "batch", True), ("ppo", "running", False)])
-def test_a_constant_reward_leaves_the_model_unchanged(advantage, baseline, normalize):
-    # no KL, and every group's rewards identical: the clipped objective has zero gradient, so no update at all
+@pytest.mark.parametrize("advantage, baseline, normalize, kl_coef, kl_reference", [
+    ("grpo", "batch", False, 0.0, "pretrained"), ("ppo", "group", False, 0.0, "pretrained"),
+    ("ppo", "batch", True, 0.0, "pretrained"), ("ppo", "running", False, 0.0, "pretrained"),
+    ("grpo", "batch", False, 0.5, "pretrained"), ("ppo", "running", True, 0.5, "previous")])
+def test_a_constant_reward_leaves_the_model_unchanged(advantage, baseline, normalize, kl_coef, kl_reference):
+    # every group's rewards identical: the clipped objective has zero gradient, and at theta = ref so has the
+    # KL (exactly: its rounding noise, rescaled by Adam, used to move the weights), so no update at all
     # (three iterations: the running baseline must stay exactly on a constant reward)
     graph, noise, model = make("masked")
     before = copy.deepcopy(model.state_dict())
-    cfg = small_cfg(kl_coef=0.0, group_size=8, advantage=advantage, baseline=baseline, normalize_adv=normalize)
+    cfg = small_cfg(kl_coef=kl_coef, group_size=8, advantage=advantage, baseline=baseline, normalize_adv=normalize,
+                    kl_reference=kl_reference)
     trainer = sepo.SEPO(model, graph, noise, lambda x: torch.full((len(x),), 0.1), 6, cfg)
     for _ in range(3):
         trainer.step()
@@ -614,6 +618,56 @@ def test_normalized_ppo_advantages():
     graph, noise, model = make("masked")
     stats = sepo.SEPO(model, graph, noise, count_threes, 6, small_cfg(advantage="ppo", normalize_adv=True)).step()
     assert math.isfinite(stats["loss"])
+
+
+def test_whitened_advantages_stay_bounded_when_the_reward_saturates():
+    """Running baseline, reward 0.5 then 1.0 for good: A = 1 - b is the same for every sample. Whitened, it is
+    0 (no update); divided by its ~0 std without centring it was ~1e7, and the weights moved every step."""
+    graph, noise, model = make("masked")
+    calls = []
+
+    def reward(x):
+        calls.append(1)
+        return torch.full((len(x),), 0.5 if len(calls) == 1 else 1.0)
+
+    cfg = small_cfg(kl_coef=0.0, group_size=4, advantage="ppo", baseline="running", normalize_adv=True)
+    trainer = sepo.SEPO(model, graph, noise, reward, 6, cfg)
+    trainer.step()
+    after_first = copy.deepcopy(model.state_dict())
+    stats = [trainer.step() for _ in range(2)]
+    assert trainer.running_baseline < 1.0 and all(abs(s["loss"]) < 1e-6 for s in stats)
+    assert all(torch.equal(after_first[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_reward_fn_that_edits_its_input_changes_nothing():
+    """reward_fn gets a copy of the samples: editing it in place cannot change what the gradient is taken at."""
+    runs = []
+    for edit in (False, True):
+        graph, noise, model = make("masked")
+
+        def reward(x, edit=edit):
+            r = count_threes(x)
+            return (r, x.fill_(0))[0] if edit else r
+        sepo.SEPO(model, graph, noise, reward, 6, small_cfg()).step()
+        runs.append(model.state_dict())
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_a_reward_that_overflows_float32_is_rejected():
+    # finite as float64, inf once cast: the check must see the cast value
+    with pytest.raises(ValueError, match=r"non-finite values for samples \[0\]"):
+        sepo.check_reward(torch.tensor([1e39, 0.0], dtype=torch.float64), 2)
+
+
+def test_sampler_settings_that_would_be_silently_wrong_are_errors():
+    graph, noise, model = make("masked")
+    with pytest.raises(ValueError, match="corrector_steps >= 0"):  # a negative count gave no corrector at all
+        sepo.sample(model, graph, noise, 2, 6, steps=4, corrector_steps=-1)
+    with pytest.raises(ValueError, match=r"sigmabar\(0\) = 0"):  # else the samples keep MASK tokens
+        sepo.sample(model, graph, sepo.Geometric(), 2, 6, steps=4)
+    for bad in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match="kl_coef must be >= 0"):
+            sepo.SEPOConfig(kl_coef=bad)
 
 
 def test_wrong_prompt_shape_is_an_error():

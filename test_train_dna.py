@@ -1,6 +1,7 @@
 """Tests of train_dna.py: data validators, the chromosome split, each metric against a hand
 computation, and the whole pipeline at toy size (cached, resumable, reproducible). CPU, seconds."""
 import gzip
+import hashlib
 import shutil
 import importlib.util
 import json
@@ -80,6 +81,11 @@ def test_vendored_file_loads_and_matches_its_provenance():
     assert len(d) == 47872 and d.x.shape == (47872, 200)
     assert torch.bincount(d.y).tolist() == [11968] * 4  # 12k per cell type, balanced
     assert set(np.unique(d.chrom)) >= {"chr1", "chr2", "chrX"}
+    # chrom_name() leaves its names as they are written: 24 chromosomes, the same counts, the same hash
+    names, counts = np.unique(d.chrom, return_counts=True)
+    assert set(names) == {f"chr{k}" for k in range(1, 23)} | {"chrX", "chrY"}
+    assert dict(zip(names, counts.tolist()))["chr1"] == 4565 and dict(zip(names, counts.tolist()))["chrY"] == 39
+    assert D.load_data("").sha256 == "8b5649f6f32e2dcb"
 
 
 HEADER = ["seq", "hepg2", "k562", "sknsh", "chr"]
@@ -94,6 +100,8 @@ def test_gosai_file_without_a_chromosome_column_gets_a_fixed_split(tmp_path, nam
         f.write("seq,hepg2,k562,sknsh\n" + "".join(",".join(map(str, r)) + "\n" for r in rows))
     a, b = D.load_data(path), D.load_data(path)
     assert a.kind == "gosai" and len(a) == 300 and (a.chrom == b.chrom).all()  # reproducible
+    with open(path, "rb") as f:  # the cached stages' key: the file's hash, kept by every subset
+        assert a.sha256 == hashlib.sha256(f.read()).hexdigest()[:16] == a.subset(a.chrom == "chr1").sha256
     names, counts = np.unique(a.chrom, return_counts=True)
     assert set(names) == {f"chr{k}" for k in range(1, 11)} and counts.min() > 10  # about 30 each
     assert set(D.oracle_chromosomes(a.chrom, "chr1", "chr2")[0]) | set(D.oracle_chromosomes(a.chrom, "chr1", "chr2")[1]) \
@@ -124,6 +132,57 @@ def test_gosai_loader_good(tmp_path):
 def test_gosai_loader_malformed(tmp_path, header, rows, msg):
     with pytest.raises(ValueError, match=msg):
         D.load_gosai(write_gosai(tmp_path / "bad.csv", header, rows))
+
+
+def random_gosai_rows(n: int = 6) -> list:
+    return [(rand_seq(), 0.1 * i, 0.0, 0.0, f"chr{1 + i % 3}") for i in range(n)]
+
+
+@pytest.mark.parametrize("header", [["seq", "hepg2", "k562", "sknsh", c] for c in ("Chr", "CHROM", "Chromosome")]
+                         + [["SEQ", "HepG2", "K562", " SKNSH", "chrom "]])
+def test_gosai_column_names_ignore_case_and_spaces(tmp_path, header):
+    """Before, a chromosome column spelled Chr / CHROM / Chromosome was silently missed: the rows got random
+    pseudo-chromosomes (and HepG2 was a missing column)."""
+    rows = random_gosai_rows()
+    d = D.load_data(write_gosai(tmp_path / "g.csv", header, rows))
+    assert d.chrom.tolist() == [r[4] for r in rows] and d.y[:, 0].tolist() == pytest.approx([r[1] for r in rows])
+
+
+def test_gosai_utf8_bom_before_the_first_column(tmp_path):
+    """Excel's 'CSV UTF-8' starts with a BOM: before, it hid the first column's name ('chr' here)."""
+    rows = random_gosai_rows()
+    path = tmp_path / "bom.csv"
+    with open(path, "w", encoding="utf-8-sig") as f:
+        f.write("chr,seq,hepg2,k562,sknsh\n" + "".join(f"{r[4]},{r[0]},{r[1]},{r[2]},{r[3]}\n" for r in rows))
+    assert D.load_data(str(path)).chrom.tolist() == [r[4] for r in rows]
+
+
+def test_a_column_named_twice_in_different_case_is_an_error(tmp_path):
+    rows = [(*r, "chr9") for r in random_gosai_rows()]
+    with pytest.raises(ValueError, match=r"bad.csv: column 'chr' appears more than once"):
+        D.load_data(write_gosai(tmp_path / "bad.csv", [*HEADER, "Chr"], rows))
+
+
+NAMES = {"chr1": "chr1", "1": "chr1", "Chr1": "chr1", "CHR01": "chr1", "01": "chr1", "2.0": "chr2", "chr2": "chr2",
+         "X": "chrX", "chrx": "chrX", "x": "chrX", "mt": "chrMT", "ChrM": "chrM", "chr3": "chr3", "chr4": "chr4"}
+
+
+def test_chromosome_names_are_normalised_alike_in_both_formats(tmp_path):
+    """Before, the ENCODE reader kept names as written (1, Chr1 were not chr1: they trained the models while
+    chr1 was the test set) and the Gosai reader kept x / chrx apart from X and 01 apart from 1."""
+    enc = D.load_data(write_encode(tmp_path / "e.tsv.gz", [(c, 0, "HepG2", 1.0, "train", rand_seq()) for c in NAMES]))
+    gos = D.load_data(write_gosai(tmp_path / "g.csv", HEADER, [(rand_seq(), 0, 0, 0, c) for c in NAMES]))
+    assert enc.chrom.tolist() == gos.chrom.tolist() == list(NAMES.values())
+    s = D.split_by_chromosome(enc, "1", "Chr2")  # the flags' names are normalised too: 1 means chr1
+    assert len(s["test"]) == 5 and len(s["val"]) == 2 and not {"chr1", "chr2"} & set(s["train"].chrom)
+    assert T.parse_args(["--test-chrom", "01", "--val-chrom", "x"]).test_chrom == "chr1"
+    with pytest.raises(ValueError, match=r"test chromosome: no chromosome \('chr'\)"):
+        D.split_by_chromosome(enc, "chr", "chr2")
+    with pytest.raises(ValueError, match="must differ, both are chrX"):
+        D.split_by_chromosome(enc, "chrX", "x")
+    blank = [("chr1", 0, "HepG2", 1.0, "train", rand_seq()), (" ", 0, "HepG2", 1.0, "train", rand_seq())]
+    with pytest.raises(ValueError, match=r"b.tsv.gz: row 2: no chromosome \(''\)"):
+        D.load_data(write_encode(tmp_path / "b.tsv.gz", blank))
 
 
 # ---------------------------------------------------------------------------- oracle split
@@ -184,7 +243,19 @@ def test_pearson_and_spearman_by_hand():
     assert D.pearson(a, b) == pytest.approx(0.5)
     # ranks of (10, 20, 20, 40) are (1, 2.5, 2.5, 4); of (1, 2, 3, 4) themselves
     # centred (-1.5, 0, 0, 1.5) . (-1.5, -0.5, 0.5, 1.5) = 4.5; norms sqrt(4.5), sqrt(5)
-    assert D.spearman(torch.tensor([10.0, 20, 20, 40]), torch.tensor([1.0, 2, 3, 4])) == pytest.approx(4.5 / math.sqrt(4.5 * 5))
+    rho = D.spearman(torch.tensor([10.0, 20, 20, 40]), torch.tensor([1.0, 2, 3, 4]))
+    assert rho == pytest.approx(4.5 / math.sqrt(4.5 * 5))
+
+
+def test_pearson_of_a_constant_is_nan_whatever_the_dtype():
+    """Before, a constant float64 input gave ~0 or +-1: its mean is not always exactly the constant."""
+    c, n = 0.00010490011715303971, 924
+    a = torch.full((n,), c, dtype=torch.float64)
+    assert math.isnan(D.pearson(a, torch.randn(n, dtype=torch.float64)))
+    assert math.isnan(D.pearson(torch.randn(n, dtype=torch.float64), a))
+    assert math.isnan(D.pearson(a, torch.full((n,), 0.18905338179353307, dtype=torch.float64)))
+    assert math.isnan(D.pearson(a.float(), torch.randn(n))) and math.isnan(D.spearman(a, torch.randn(n, dtype=torch.float64)))
+    assert math.isnan(D.pearson(torch.zeros(0), torch.zeros(0)))
 
 
 def test_motif_hits_by_hand_both_strands():
@@ -312,6 +383,54 @@ def test_sepo_resume_is_exact(tmp_path, toy_data):
     assert resumed["SEPO"]["Pred-Activity"] == pytest.approx(straight["SEPO"]["Pred-Activity"])
 
 
+def test_pretrain_validation_rows_are_a_fixed_random_subset(tmp_path, monkeypatch):
+    """Before, the validation loss read val.x[:2048]: the vendored file is sorted by cell type, so only two of
+    its four were measured. Now 2048 rows drawn with the seed: every class, the same rows at each check, and
+    the pre-trained weights do not depend on the validation set."""
+    def data(x, cls):
+        return D.DnaData(x, np.array(["chr2"] * len(x)), cls, torch.zeros(len(x)), "encode")
+    cls = torch.arange(4).repeat_interleave(1024)  # sorted by class, as the vendored file
+    xval = torch.randint(4, (len(cls), D.SEQ_LEN), generator=torch.Generator().manual_seed(0))
+    xval[:, 0] = cls  # the first base tells the class
+    train = data(torch.randint(4, (64, D.SEQ_LEN), generator=torch.Generator().manual_seed(1)), torch.zeros(64).long())
+    seen, loss = [], T.sepo.pretrain_loss
+
+    def spy(model, graph, noise, x, **kw):
+        if not model.training:
+            seen.append(x.cpu())
+        return loss(model, graph, noise, x, **kw)
+    monkeypatch.setattr(T.sepo, "pretrain_loss", spy)
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    cfg = T.parse_args([*TOY, "--out", str(tmp_path / "a")])  # validation at steps 2 and 4
+    model = T.pretrain(cfg, train, data(xval, cls), torch.device("cpu"))
+    rows = torch.cat(seen)
+    assert len(rows) == 2 * 2048 and rows[:2048].equal(rows[2048:]) and len(torch.unique(rows[:2048], dim=0)) == 2048
+    assert set(rows[:, 0].tolist()) == {0, 1, 2, 3}  # before: {0, 1}
+    other = T.pretrain(T.parse_args([*TOY, "--out", str(tmp_path / "b")]), train, data(xval.flip(0), cls), "cpu")
+    assert all(p.equal(q) for p, q in zip(model.parameters(), other.parameters()))
+
+
+def test_data_row_is_the_top_hepg2_set_of_the_test_chromosome(tmp_path, monkeypatch):
+    """Before, the Data row took the first n_eval HepG2 rows in file order; now top_hepg2(), the way the
+    3-mer / JASPAR reference set is chosen: the highest signal among the HepG2 DHS."""
+    signal = torch.tensor([float(i) for i in range(8)] + [100.0 + i for i in range(6)] + [1000.0] * 6)
+    cls = torch.tensor([1] * 14 + [2] * 6)  # low-signal HepG2 first, then high-signal HepG2, then K562
+    x = torch.randint(4, (20, D.SEQ_LEN), generator=torch.Generator().manual_seed(0))
+    test = D.DnaData(x, np.array(["chr1"] * 20), cls, signal, "encode")
+
+    class Oracle(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(4, 4)
+
+        def forward(self, x):
+            return self.emb(x).mean(1)
+    monkeypatch.setattr(T, "draw", lambda cfg, model, n, gf, seed: torch.randint(4, (n, D.SEQ_LEN)))  # no sampler
+    cfg = T.parse_args([*TOY, "--out", str(tmp_path)])
+    results, _ = T.evaluate(cfg, lambda x: {"x": x}, None, {}, {"ft_oracle": Oracle()}, test)
+    assert results["Data (chr1, HepG2)"]["x"].equal(x[[13, 12, 11, 10, 9, 8]]) and D.top_hepg2(test, 6).equal(x[8:14].flip(0))
+
+
 def test_help_documents_every_flag(capsys):
     with pytest.raises(SystemExit):
         T.parse_args(["--help"])
@@ -336,6 +455,9 @@ def test_bad_settings_fail_before_any_work(tmp_path, capsys):
         assert "invalid choice" in capsys.readouterr().err
     with pytest.raises(ValueError, match="group_size must be >= 1"):
         T.main(["--group", "0", "--out", str(tmp_path / "x")])
+    for flag, value, rule in (("--ckpt-every", "0", "> 0"), ("--kl-coef", "nan", ">= 0"), ("--corrector-steps", "-1", ">= 0")):
+        with pytest.raises(ValueError, match=f"{flag} must be {rule}, got"):  # before, these failed late or silently
+            T.main([flag, value, "--out", str(tmp_path / "x")])
     with pytest.raises(ValueError, match="--bon-max must be a power of two"):
         T.main(["--bon-max", "6", "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()

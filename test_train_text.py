@@ -242,8 +242,9 @@ def test_bad_settings_fail_before_any_work(tmp_path, capsys):
         with pytest.raises(SystemExit):
             T.main([*bad, "--out", str(tmp_path / "x")])
         assert "invalid choice" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="kl_steps must be in"):
-        T.main(["--kl-steps", "-1", "--out", str(tmp_path / "x")])
+    for flag, value, rule in (("--kl-steps", "-1", ">= 0"), ("--kl-coef", "nan", ">= 0"), ("--eval-samples", "0", "> 0")):
+        with pytest.raises(ValueError, match=f"{flag} must be {rule}, got"):  # before, these failed after the pipeline
+            T.main([flag, value, "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
 
 
@@ -287,8 +288,8 @@ def test_pipeline_smoke_and_resume(tmp_path, capsys):
     log = capsys.readouterr().out
     assert "[sepo] iter 2/2 reward" in log and "KL" in log and "clip" in log
     # docs/text_tradeoff.py: the figure and table over runs, from the runs' results files
-    spec = importlib.util.spec_from_file_location("text_tradeoff", os.path.join(os.path.dirname(__file__), "docs",
-                                                                                 "text_tradeoff.py"))
+    path = os.path.join(os.path.dirname(__file__), "docs", "text_tradeoff.py")
+    spec = importlib.util.spec_from_file_location("text_tradeoff", path)
     fig = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fig)
     fig.main([out], out=str(tmp_path / "tradeoff.png"))
@@ -328,3 +329,122 @@ def test_pipeline_on_a_real_format_file_and_the_uniform_graph(tmp_path):
     write_jsonl(path, lines[::-1][:50])
     with pytest.raises(ValueError, match=r"pretrain.pt was made with other settings \{'data_sha256'"):
         T.main([*TINY, "--data", path, "--graph", "uniform", "--out", str(tmp_path / "u"), "--prompt-len", "24"])
+
+
+# ---------------------------------------------------------------------------- review fixes: split, metrics, encoding
+def write_pairs(tmp_path, n=40):
+    """A small HH-format file: n one-turn prompts x 2 pairs, chosen and rejected never equal."""
+    rng, words = np.random.default_rng(0), ["good", "fine", "thanks", "sorry", "bad", "sure", "great", "maybe", "ok"]
+    lines = [json.dumps({"chosen": D.to_hh([("Human", f"question {i}")], "sure " + " ".join(rng.choice(words, 3))),
+                         "rejected": D.to_hh([("Human", f"question {i}")], "no " + " ".join(rng.choice(words, 3)))})
+             for i in range(n) for _ in range(2)]
+    write_jsonl(tmp_path / "hh.jsonl", lines)
+    return str(tmp_path / "hh.jsonl")
+
+
+def test_reward_model_held_out_pairs_are_on_held_out_prompts_only(tmp_path):
+    d = D.prepare_data(write_pairs(tmp_path), vocab=300, prompt_len=12, response_len=8)
+    held = {tuple(x) for x in d.test_prompts.tolist()}
+    assert len(d.rm_test[0]) > 0 and all(tuple(x) in held for x in d.rm_test[0][:, :12].tolist())  # was 3/4 training
+    assert not any(tuple(x) in held for x in d.rm_train[0][:, :12].tolist())
+    # the reward model's training data are unchanged: a random half of the training prompts' pairs
+    assert len(d.rm_train[0]) == (d.info["pairs"] - len(d.rm_test[0])) // 2
+
+
+def test_reward_model_accuracy_counts_a_tie_as_half(tmp_path, tok):
+    cfg = T.parse_args([*TINY, "--policy-pairs", "0", "--out", str(tmp_path)])
+    a, b = torch.randint(3, 300, (2, 64, cfg.prompt_len + cfg.response_len), generator=torch.Generator().manual_seed(0))
+    data = D.TextData(tok, None, None, [], None, (a, b), (a, a), {"sha256": "-", "tokenizer_sha256": "-"})
+    _, info = T.train_reward_model(cfg, data, None, None, None, "cpu")
+    assert info["accuracy_data"] == 0.5  # equal rows score equal: neither right nor wrong (was 0.0)
+    data.rm_test = (a[:1], b[:1])  # a cached reward model is re-measured on the current held-out pairs (0 or 1 here)
+    rm, info = T.train_reward_model(cfg, data, None, None, None, "cpu")
+    assert info["accuracy_data"] == D.pair_accuracy(rm.reward(a[:1]), rm.reward(b[:1])) in (0.0, 1.0)
+
+
+def test_pairs_equal_after_the_cut_are_dropped_and_counted(tmp_path):
+    lines = []
+    for i in range(40):  # odd i: the replies differ only after --response-len tokens
+        p = [("Human", f"question number {i}")]
+        c, r = (("I am sorry, I cannot help with that, but here is a good idea", "I am sorry, I cannot help with that, "
+                 "you are on your own") if i % 2 else ("Sure, glad to help", "No."))
+        lines.append(json.dumps({"chosen": D.to_hh(p, c), "rejected": D.to_hh(p, r)}))
+    write_jsonl(tmp_path / "cut.jsonl", lines)
+    d = D.prepare_data(str(tmp_path / "cut.jsonl"), vocab=300, prompt_len=24, response_len=8)
+    for c, r in (d.rm_train, d.rm_test):
+        assert not (c == r).all(1).any()  # before: 20 of 40 pairs, a sure error for any reward model
+    assert d.info["skipped_identical_after_cut"] == 20 and d.info["pairs"] == 20
+
+
+def test_malformed_dialogues_are_skipped_counted_and_printed(tmp_path, capsys):
+    H = [("Human", "how are you?")]
+    bad = [{"chosen": D.to_hh(H, ""), "rejected": D.to_hh(H, "fine")},
+           {"chosen": D.to_hh(H, "fine"), "rejected": D.to_hh(H, "  ")},
+           {"chosen": D.to_hh(H, "fine"), "rejected": D.to_hh(H, "fine")},
+           {"chosen": D.to_hh(H + [("Assistant", "a")], "b"), "rejected": D.to_hh(H + [("Assistant", "a")], "c")},
+           {"chosen": D.to_hh([("Assistant", "hi")] + H, "b"), "rejected": D.to_hh([("Assistant", "hi")] + H, "c")}]
+    path = str(tmp_path / "hh.jsonl")
+    write_jsonl(path, [GOOD[0], *map(json.dumps, bad), GOOD[2]])
+    assert [p.line for p in D.load_hh(path)] == [1, 7]  # before: all 7 lines accepted silently
+    assert f"skipped 5 pairs of {path}" in capsys.readouterr().out
+    skipped = {}
+    D.load_hh(path, skipped)
+    assert skipped == {"empty response": 2, "chosen == rejected": 1, "prompt not ending with a Human turn": 1,
+                       "first turn by the Assistant": 1}
+    write_jsonl(path, [json.dumps(bad[2])])
+    with pytest.raises(ValueError, match=rf"{path}: no preference pairs \(skipped: 1 chosen == rejected\)"):
+        D.load_hh(path)
+
+
+def test_literal_marker_strings_in_the_text_stay_text(tok):
+    x, _ = D.encode_prompts(tok, [[("Human", "what does [A] mean? [H] [PAD] [UNUSED0]")]], 60)
+    body = [i for i in x[0].tolist() if i != D.PAD]
+    assert body[0] == D.HUMAN and body[-1] == D.ASSISTANT and min(body[1:-1]) > D.ASSISTANT  # one turn, as written
+    text = "type [PAD] here, press [H] or [A]"
+    assert D.decode(tok, D.encode_responses(tok, [text], 40)) == [text]  # before: "type here, press or"
+    # text without marker strings: the same ids as the marked string encoded with special tokens (the old encoding)
+    p = [("Human", "hello there"), ("Assistant", "hi, how are you?"), ("Human", ""), ("Human", "thank you")]
+    tok.encode_special_tokens = False
+    try:
+        assert D.prompt_ids(tok, p) == tok.encode(D.prompt_text(p)).ids
+    finally:
+        tok.encode_special_tokens = True
+
+
+def test_distinct_n_of_rows_with_one_and_many_responses_per_prompt_compare(tmp_path, monkeypatch):
+    """A "model" that answers every held-out prompt with its data reply, eval_samples times, matches the data row."""
+    cfg = T.parse_args([*TINY, "--eval-samples", "3", "--out", str(tmp_path)])
+    d = D.prepare_data(write_pairs(tmp_path), vocab=cfg.vocab, prompt_len=cfg.prompt_len, response_len=cfg.response_len)
+    replies = D.encode_responses(d.tok, d.test_replies, cfg.response_len)
+    monkeypatch.setattr(T, "generate", lambda cfg_, model, graph, noise, prompts, seed: torch.cat(
+        [prompts, replies[: len(prompts) // 3].repeat_interleave(3, 0)], 1))
+    torch.manual_seed(0)
+    graph, noise, pre = T.make_diffusion(cfg, d.tok.get_vocab_size(), "cpu")
+    rm = T.RewardModel(d.tok.get_vocab_size(), cfg.prompt_len + cfg.response_len, 16, 1, 2).eval()
+    rows, _ = T.evaluate(cfg, d, graph, noise, pre.eval(), pre, rm)
+    assert [r["n"] for r in rows] == [3 * rows[2]["n"]] * 2 + [rows[2]["n"]]
+    for r in rows[:2]:  # before: 1/3 of the data row's distinct-1, for the same texts
+        assert (r["distinct_1"], r["distinct_2"]) == pytest.approx((rows[2]["distinct_1"], rows[2]["distinct_2"]))
+    assert D.distinct_n(["a b", "c d", "a b", "e f"], 1, per_prompt=2) == 0.75  # slices [a b, a b] and [c d, e f]
+
+
+def test_a_refused_run_leaves_the_folders_tokenizer_alone(tmp_path, monkeypatch):
+    import hashlib
+    from tokenizers import Tokenizer
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args):
+        raise Stop  # after pre-training: tokenizer.json and pretrain.pt are written
+    out, folder_tok = str(tmp_path / "run"), tmp_path / "run" / "tokenizer.json"
+    monkeypatch.setattr(T, "train_reward_model", stop)
+    with pytest.raises(Stop):
+        T.main([*TINY, "--out", out])
+    saved = folder_tok.read_bytes()
+    with pytest.raises(ValueError, match="pretrain.pt was made with other settings"):
+        T.main([*TINY, "--out", out, "--vocab", "400"])
+    assert folder_tok.read_bytes() == saved  # before: replaced by the refused run's 400-id tokenizer
+    settings = torch.load(os.path.join(out, "pretrain.pt"), weights_only=False)["settings"]
+    assert hashlib.sha256(Tokenizer.from_file(str(folder_tok)).to_str().encode()).hexdigest()[:16] == \
+        settings["tokenizer_sha256"]

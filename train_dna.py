@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import sepo
-from data.dna import (CELL_TYPES, SEQ_LEN, DnaData, auroc, data_sha256, decode_sequences, hepg2_score, kmer_counts, load_data,
+from data.dna import (CELL_TYPES, SEQ_LEN, DnaData, auroc, chrom_name, decode_sequences, hepg2_score, kmer_counts, load_data,
                       load_jaspar_pwms, motif_hits, oracle_chromosomes, pearson, spearman, split_by_chromosome, top_hepg2)
 
 GRAPH, NOISE = sepo.Masked(4), sepo.LogLinear()  # the DNA diffusion: MDLM's absorbing graph over A, C, G, T
@@ -48,7 +48,7 @@ class Config:
     device: str = arg("auto", "auto (cuda if available), cpu or cuda")
     threads: int = arg(0, "torch CPU threads (0: torch's default)")
     bench: bool = arg(False, "only time one SEPO iteration (plain and with the corrector) with untrained models")
-    test_chrom: str = arg("chr1", "held-out test chromosome")
+    test_chrom: str = arg("chr1", "held-out test chromosome (1, Chr1 and chr1 all name chr1)")
     val_chrom: str = arg("chr2", "validation chromosome (pre-training validation loss)")
     hidden: int = arg(32, "denoiser channels")
     stacks: int = arg(1, "denoiser stacks of 5 dilated convolutions (dilations 1, 1, 4, 16, 64)")
@@ -104,6 +104,8 @@ PRESETS = {
                  oracle_epochs=1, access_epochs=1, oracle_batch=16, iters=2, batch=2, group=2, steps=3, kl_steps=2,
                  pl_positions=2, ckpt_every=1, n_eval=6, bon_max=2, elbo_t=2),
 }
+POSITIVE = ("hidden", "stacks", "pretrain_batch", "pretrain_lr", "oracle_dim", "oracle_heads", "oracle_downsamples",
+            "oracle_epochs", "oracle_batch", "oracle_lr", "access_epochs", "ckpt_every", "n_eval", "bon_max", "elbo_t")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> Config:
@@ -111,10 +113,14 @@ def parse_args(argv: Optional[list[str]] = None) -> Config:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for f in dataclasses.fields(Config):
         kind = (dict(action="store_true", default=None) if f.type == "bool" else
-                dict(type=type(f.default), choices=f.metadata["choices"]))
+                dict(type=chrom_name if f.name.endswith("_chrom") else type(f.default), choices=f.metadata["choices"]))
         p.add_argument("--" + f.name.replace("_", "-"), help=f"{f.metadata['help']} (default: {f.default!r})", **kind)
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
-    return Config(**{**PRESETS[given.get("preset", "cpu")], **given})
+    cfg = Config(**{**PRESETS[given.get("preset", "cpu")], **given})
+    for k, v in dataclasses.asdict(cfg).items():  # fail now, not after pre-training; `not >=` also catches NaN
+        if isinstance(v, (int, float)) and not (v > 0 if k in POSITIVE else v >= 0):
+            raise ValueError(f"--{k.replace('_', '-')} must be {'> 0' if k in POSITIVE else '>= 0'}, got {v}")
+    return cfg
 
 
 # ---------------------------------------------------------------------------- models
@@ -202,10 +208,10 @@ ORACLE_KEYS = ("oracle_dim", "oracle_depth", "oracle_heads", "oracle_downsamples
 ACCESS_KEYS = ("access_epochs", "oracle_batch", "oracle_lr")
 
 
-def keys(cfg: Config, *names: str) -> dict:
+def keys(cfg: Config, data: DnaData, *names: str) -> dict:
     """A stage's settings; the data file's content hash too, so a file changed in place is never silently reused."""
     names = ("data", "seed", "test_chrom", "val_chrom", *names)
-    return {"data_sha256": data_sha256(cfg.data), **{n: getattr(cfg, n) for n in names}}
+    return {"data_sha256": data.sha256, **{n: getattr(cfg, n) for n in names}}
 
 
 def train_loop(name: str, model: nn.Module, loss_fn: Callable[[Tensor, torch.Generator], Tensor], n: int,
@@ -220,9 +226,10 @@ def train_loop(name: str, model: nn.Module, loss_fn: Callable[[Tensor, torch.Gen
     step, run, metrics, best, done, tic, ck = 0, 0.0, {}, math.inf, False, time.perf_counter(), load_ckpt(path, settings)
     if ck is not None:
         model.load_state_dict(ck["model"])
-        if ck["done"]:
-            print(f"[{name}] cached in {path}: {fmt(ck['metrics'])}")
-            return ck["metrics"]
+        if ck["done"]:  # validation re-measured: a cached model is judged on this code's held-out sets
+            metrics = {**ck["metrics"], **(val_fn() if val_fn else {})}
+            print(f"[{name}] cached in {path}: {fmt(metrics)}")
+            return metrics
         opt.load_state_dict(ck["opt"]), sched.load_state_dict(ck["sched"])
         gen.set_state(ck["gen"]), mgen.set_state(ck["mgen"])
         step, best, run = ck["step"], ck["best"], ck["run"]  # run: the smoothed loss goes on where it was
@@ -255,7 +262,8 @@ def pretrain(cfg: Config, train: DnaData, val: DnaData, device) -> nn.Module:
     """Stage 2: the MDLM denoiser, trained on the training chromosomes with sepo.pretrain_loss."""
     torch.manual_seed(cfg.seed)
     model = DilatedCNNDenoiser(cfg.hidden, cfg.stacks).to(device)
-    xtr, xval = train.x.to(device), val.x[:2048].to(device)
+    pick = torch.randperm(len(val), generator=torch.Generator().manual_seed(cfg.seed))[:2048]  # random: a file may be sorted
+    xtr, xval = train.x.to(device), val.x[pick].to(device)
 
     def val_loss() -> dict:
         g = torch.Generator(device).manual_seed(cfg.seed + 7)
@@ -264,7 +272,7 @@ def pretrain(cfg: Config, train: DnaData, val: DnaData, device) -> nn.Module:
                                                for xb in xval.split(256)]))}
     train_loop("pretrain", model, lambda i, g: sepo.pretrain_loss(model, GRAPH, NOISE, xtr[i], generator=g), len(xtr),
                cfg.pretrain_steps, cfg.pretrain_batch, cfg.pretrain_lr, os.path.join(cfg.out, "pretrain.pt"),
-               keys(cfg, *PRETRAIN_KEYS), cfg.seed, cfg.val_every, val_loss, cfg.min_delta)
+               keys(cfg, train, *PRETRAIN_KEYS), cfg.seed, cfg.val_every, val_loss, cfg.min_delta)
     return model.eval().requires_grad_(False)
 
 
@@ -282,14 +290,14 @@ def train_oracles(cfg: Config, train: DnaData, test: DnaData, device) -> tuple[d
             w = (1 - y).sum() / y.sum().clamp(min=1)
             loss = lambda out, t: F.binary_cross_entropy_with_logits(out, t, pos_weight=w)
             held_out = lambda m: {"test_auroc": auroc(predict(m, test.x), test.hepg2())}
-            epochs, settings = cfg.access_epochs, keys(cfg, *ACCESS_KEYS)
+            epochs, settings = cfg.access_epochs, keys(cfg, train, *ACCESS_KEYS)
         else:
             m, y = EnformerOracle(len(CELL_TYPES) if encode else 3, cfg.oracle_dim, cfg.oracle_depth, cfg.oracle_heads,
                                   cfg.oracle_downsamples).to(device), part.y
             loss = F.cross_entropy if encode else F.mse_loss
             held_out = lambda m: ({"test_hepg2_auroc": auroc(hepg2_score(predict(m, test.x), "encode"), test.hepg2())}
                                   if encode else {"test_hepg2_pearson": pearson(predict(m, test.x)[:, 0], test.y[:, 0])})
-            epochs, settings = cfg.oracle_epochs, keys(cfg, *ORACLE_KEYS)
+            epochs, settings = cfg.oracle_epochs, keys(cfg, train, *ORACLE_KEYS)
         xo, yo = part.x.to(device), y.to(device)
         report[name] = train_loop(name, m, lambda i, g, m=m, f=loss, xo=xo, yo=yo: f(m(xo[i]), yo[i]), len(part),
                                   max(1, round(epochs * len(part) / cfg.oracle_batch)), cfg.oracle_batch, cfg.oracle_lr,
@@ -311,7 +319,7 @@ def sepo_config(cfg: Config, corrector_steps: int) -> sepo.SEPOConfig:
                            micro_batch=cfg.micro_batch or None, amp=cfg.amp, seed=cfg.seed + 30 + corrector_steps)
 
 
-def finetune(cfg: Config, pretrained: nn.Module, reward_fn, corrector_steps: int, tag: str,
+def finetune(cfg: Config, train: DnaData, pretrained: nn.Module, reward_fn, corrector_steps: int, tag: str,
              probe: Callable[[nn.Module, int], dict]) -> tuple[nn.Module, list, list]:
     """Stage 4: sepo.SEPO from the pre-trained weights; a line per iteration, a checkpoint (and a probe of the
     evaluation metrics, for the trade-off plot) every ckpt_every iterations. -> (model, history, probes)."""
@@ -320,7 +328,7 @@ def finetune(cfg: Config, pretrained: nn.Module, reward_fn, corrector_steps: int
                         ref_model=pretrained)
     # keyed on every setting of the stages it builds on (its reward, its probes' scorers): no stale run is reused
     path = os.path.join(cfg.out, f"{tag}.pt")
-    settings = {**keys(cfg, *PRETRAIN_KEYS, *ORACLE_KEYS, *ACCESS_KEYS, "ckpt_every", "n_eval", "elbo_t"),
+    settings = {**keys(cfg, train, *PRETRAIN_KEYS, *ORACLE_KEYS, *ACCESS_KEYS, "ckpt_every", "n_eval", "elbo_t"),
                 **dataclasses.asdict(scfg)}
     ck, history, probes = load_ckpt(path, settings), [], []
     if ck is not None:
@@ -377,8 +385,7 @@ def evaluate(cfg: Config, score, pretrained: nn.Module, runs: dict, models: dict
     reward = hepg2_score(predict(models["ft_oracle"], pool.flatten(0, 1)), test.kind).view(cfg.n_eval, n_pool)
     best = lambda n: pool[torch.arange(cfg.n_eval), reward[:, :n].argmax(1)]
     rows[f"Best-of-{n_match} (ft oracle)"] = best(n_match)
-    held_out = test.x[test.hepg2()] if test.kind == "encode" else test.x[test.signal.argsort(descending=True)]
-    rows[f"Data ({cfg.test_chrom}, HepG2)"] = held_out[: cfg.n_eval]
+    rows[f"Data ({cfg.test_chrom}, HepG2)"] = top_hepg2(test, cfg.n_eval)  # chosen as the 3-mer/JASPAR reference set is
     for name, x in rows.items():  # samples_pre-trained.txt, samples_sepo.txt, ...
         tag = name.split(" (")[0].replace(" ", "_").lower()
         save_atomic("\n".join(decode_sequences(x)) + "\n", os.path.join(cfg.out, f"samples_{tag}.txt"))
@@ -439,7 +446,7 @@ def bench(cfg: Config, device: torch.device) -> dict:
 def main(argv: Optional[list[str]] = None) -> dict:
     cfg = parse_args(argv)
     sepo_config(cfg, cfg.corrector_steps)  # a bad SEPO setting fails now, not after pre-training
-    if cfg.bon_max < 1 or cfg.bon_max & (cfg.bon_max - 1):
+    if cfg.bon_max & (cfg.bon_max - 1):
         raise ValueError(f"--bon-max must be a power of two (best-of-N for N = 1, 2, 4, ...), got {cfg.bon_max}")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     if cfg.threads:
@@ -460,7 +467,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     probe = lambda m, gf: score(draw(cfg, m, cfg.n_eval, gf, cfg.seed + 150))
     runs = {}  # name: (corrector steps, model, history, probes)
     for name, gf in [("SEPO", 0)] + ([("SEPO with GF", cfg.corrector_steps)] if cfg.corrector_steps else []):
-        runs[name] = (gf, *finetune(cfg, pretrained, reward_fn, gf, "sepo_gf" if gf else "sepo", probe))
+        runs[name] = (gf, *finetune(cfg, split["train"], pretrained, reward_fn, gf, "sepo_gf" if gf else "sepo", probe))
     stamps["sepo"] = time.perf_counter() - tic - sum(stamps.values())
     results, bon = evaluate(cfg, score, pretrained, runs, models, split["test"])
     stamps["evaluation"] = time.perf_counter() - tic - sum(stamps.values())

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 import sepo
 from data.text import (DEFAULT_PAIRS, PAD, TextData, bootstrap_ci, decode, distinct_n, encode_responses, gold_score,
-                       prepare_data)
+                       pair_accuracy, prepare_data)
 
 
 # ---------------------------------------------------------------------------- configuration
@@ -112,6 +112,9 @@ PRESETS = {
                  steps=4, iters=2, batch=2, group=2, lr=1e-4, epochs=1, kl_steps=2, snis=2, pl_positions=4,
                  ckpt_every=1, eval_prompts=8, eval_samples=2, elbo_t=2),
 }
+POSITIVE = ("vocab", "prompt_len", "response_len", "d_model", "n_layers", "n_heads", "pretrain_batch", "pretrain_lr",
+            "rm_d_model", "rm_layers", "rm_heads", "rm_epochs", "rm_batch", "rm_lr", "ckpt_every", "eval_prompts",
+            "eval_samples", "elbo_t")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> Config:
@@ -123,6 +126,9 @@ def parse_args(argv: Optional[list[str]] = None) -> Config:
         p.add_argument("--" + f.name.replace("_", "-"), help=f"{f.metadata['help']} (default: {f.default!r})", **kind)
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     cfg = Config(**{**PRESETS[given.get("preset", "cpu")], **given})
+    for k, v in dataclasses.asdict(cfg).items():  # fail now, not after pre-training; `not >=` also catches NaN
+        if isinstance(v, (int, float)) and not (v > 0 if k in POSITIVE else v >= 0):
+            raise ValueError(f"--{k.replace('_', '-')} must be {'> 0' if k in POSITIVE else '>= 0'}, got {v}")
     if cfg.data and "policy_pairs" not in given:
         cfg.policy_pairs = 0  # a real preference file has real labels; the gold judge only evaluates
     return cfg
@@ -224,9 +230,10 @@ def train_loop(name: str, model: nn.Module, loss_fn: Callable[[Tensor, torch.Gen
     step, run, metrics, tic, ck = 0, 0.0, {}, time.perf_counter(), load_ckpt(path, settings)
     if ck is not None:
         model.load_state_dict(ck["model"])
-        if ck["done"]:
-            print(f"[{name}] cached in {path}: {fmt(ck['metrics'])}")
-            return ck["metrics"]
+        if ck["done"]:  # validation re-measured: a cached model is judged on this code's held-out sets
+            metrics = {**ck["metrics"], **(val_fn() if val_fn else {})}
+            print(f"[{name}] cached in {path}: {fmt(metrics)}")
+            return metrics
         opt.load_state_dict(ck["opt"]), sched.load_state_dict(ck["sched"]), gen.set_state(ck["gen"])
         mgen.set_state(ck["mgen"])
         step, run = ck["step"], ck["run"]  # run: the smoothed loss goes on where it was
@@ -272,6 +279,7 @@ def pretrain(cfg: Config, data: TextData, device) -> tuple[sepo.Graph, object, n
     train_loop("pretrain", model, lambda i, g: sepo.pretrain_loss(model, graph, noise, X[i], cfg.prompt_len, g), len(X),
                cfg.pretrain_steps, cfg.pretrain_batch, cfg.pretrain_lr, os.path.join(cfg.out, "pretrain.pt"),
                keys(cfg, LM_KEYS, data), cfg.seed, every=200)
+    save_atomic(data.tok.to_str(), os.path.join(cfg.out, "tokenizer.json"))  # only now: pretrain.pt accepted its hash
     return graph, noise, model.eval().requires_grad_(False)
 
 
@@ -315,8 +323,8 @@ def train_reward_model(cfg: Config, data: TextData, graph, noise, pre: nn.Module
     info = train_loop("reward", rm, lambda i, g: -F.logsigmoid(rm(c[i]) - rm(r[i])).mean(), len(c),
                       max(1, round(cfg.rm_epochs * len(c) / cfg.rm_batch)), cfg.rm_batch, cfg.rm_lr,
                       os.path.join(cfg.out, f"reward_model_{tag}.pt"), settings, cfg.seed + 1,
-                      val_fn=lambda: {f"accuracy_{k}": float((rm.eval().reward(a.to(device)) > rm.reward(b.to(device)))
-                                                             .float().mean()) for k, (a, b) in tests.items()})
+                      val_fn=lambda: {f"accuracy_{k}": pair_accuracy(rm.eval().reward(a.to(device)), rm.reward(b.to(device)))
+                                      for k, (a, b) in tests.items()})
     return rm.eval().requires_grad_(False), info
 
 
@@ -369,9 +377,9 @@ def evaluate(cfg: Config, data: TextData, graph, noise, pre: nn.Module, ft: nn.M
              "chosen replies (data)": real}
     rows, device = [], next(pre.parameters()).device
     for name, x in draws.items():
-        text = decode(data.tok, x[:, P:])
+        text, per = decode(data.tok, x[:, P:]), len(x) // len(prompts)  # per: responses per prompt (1 or k)
         gold = np.array([gold_score(t) for t in text])
-        versus = np.array(ref).reshape(len(prompts), k)[:, : len(gold) // len(prompts)].reshape(-1)
+        versus = np.array(ref).reshape(len(prompts), k)[:, :per].reshape(-1)
         per_prompt = (np.sign(gold - versus) / 2 + 0.5).reshape(len(prompts), -1).mean(1)  # ties count 1/2
         g = torch.Generator(device).manual_seed(cfg.seed + 300)
         ll = sepo.elbo(pre, graph, noise, x.to(device), cfg.elbo_t, P, g, batch_size=64)
@@ -379,8 +387,7 @@ def evaluate(cfg: Config, data: TextData, graph, noise, pre: nn.Module, ft: nn.M
         rows.append({"model": name, "n": len(text), "rm_score": float(rm.reward(x.to(device)).mean()),
                      "gold_mean": float(gold.mean()), "gold_win": float(per_prompt.mean()),
                      "gold_win_ci": bootstrap_ci(per_prompt, seed=cfg.seed), "nll_per_token": nll,
-                     "perplexity": math.exp(min(nll, 50.0)), "distinct_1": distinct_n(text, 1),
-                     "distinct_2": distinct_n(text, 2)})
+                     "perplexity": math.exp(min(nll, 50.0)), **{f"distinct_{n}": distinct_n(text, n, per) for n in (1, 2)}})
     texts = [decode(data.tok, x[::k, P:]) for x in (draws["pre-trained"], draws[f"SEPO ({cfg.steps} steps)"])]
     prompt_texts = [data.tok.decode([i for i in row.tolist() if i != PAD], skip_special_tokens=False) for row in prompts]
     return rows, list(zip(prompt_texts, *texts))
@@ -443,7 +450,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         return bench(cfg, device)
     os.makedirs(cfg.out, exist_ok=True)
     tic, stamps = time.perf_counter(), {}
-    data = prepare_data(cfg.data or DEFAULT_PAIRS, cfg.out, cfg.vocab, cfg.prompt_len, cfg.response_len, cfg.seed,
+    data = prepare_data(cfg.data or DEFAULT_PAIRS, cfg.vocab, cfg.prompt_len, cfg.response_len, cfg.seed,
                         cfg.max_pairs or None, cfg.long_prompts)
     print(f"[data] {json.dumps(data.info)}")
     graph, noise, pre = pretrain(cfg, data, device)

@@ -5,12 +5,15 @@ its evaluation compares (k-mer counts, JASPAR motif hits, correlations, AUROC).
     python data/dna.py gosai_all.csv      # the same for a Gosai MPRA table (.csv or .csv.gz)
 
 train_dna.py reads --data with load_data(); run this first to check a file of your own: every error
-names the row (and the position, for a sequence). Two formats:
+names the row (and the position, for a sequence). UTF-8 text (a leading BOM is dropped), column names
+matched case-insensitively. Two formats:
   ENCODE (.tsv[.gz]): chrom, summit, cell_type, signal, split, sequence (the vendored file, README.md);
   Gosai (.csv[.gz]): seq, hepg2, k562, sknsh and, optionally, chr / chrom / chromosome. The DRAKES file
       gosai_all.csv has no chromosome column: its rows then get ten pseudo-chromosomes chr1..chr10 at
       random (numpy seed 0, independent of --seed), so --test-chrom chr1 and --val-chrom chr2 hold out
       a fixed, reproducible 10% each.
+Chromosome names, in both formats and in --test-chrom / --val-chrom, go through chrom_name(): 1, 01, 1.0,
+Chr1 and chr1 are all chr1; x and chrx are chrX.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import math
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -42,13 +45,14 @@ class DnaData:
     y: Tensor              # oracle target: ENCODE cell-type index [N]; Gosai activity (hepg2, k562, sknsh) [N, 3]
     signal: Tensor         # [N] ranking score of the top-HepG2 set (DHS signal, or HepG2 activity)
     kind: str              # "encode" or "gosai"
+    sha256: str = ""       # first 16 hex digits of the source file's sha256: the key of the cached stages
 
     def __len__(self) -> int:
         return len(self.x)
 
     def subset(self, mask: np.ndarray) -> "DnaData":
         t = torch.as_tensor(np.flatnonzero(mask))
-        return DnaData(self.x[t], self.chrom[t.numpy()], self.y[t], self.signal[t], self.kind)
+        return replace(self, x=self.x[t], chrom=self.chrom[t.numpy()], y=self.y[t], signal=self.signal[t])
 
     def hepg2(self) -> Tensor:
         """Which rows count as HepG2 (ENCODE: HepG2 DHS; Gosai: HepG2 activity above the median)."""
@@ -79,20 +83,27 @@ def decode_sequences(x: Tensor) -> list[str]:
 
 
 def _read_table(path: str, delimiter: str) -> tuple[dict, list[list[str]]]:
-    with (gzip.open if path.endswith(".gz") else open)(path, "rt", newline="") as f:
-        rows = list(csv.reader(f, delimiter=delimiter))
+    """({lower-cased column name: index, or None if the name repeats}, data rows)."""
+    try:  # utf-8-sig drops the BOM of Excel's "CSV UTF-8", which would otherwise hide the first column's name
+        with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8-sig", newline="") as f:
+            rows = list(csv.reader(f, delimiter=delimiter))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
     if not rows:
         raise ValueError(f"{path}: empty file")
     for i, r in enumerate(rows[1:], 1):
         if len(r) != len(rows[0]):
             raise ValueError(f"{path}: row {i} has {len(r)} fields, the header has {len(rows[0])}")
-    return {h.strip(): j for j, h in enumerate(rows[0])}, rows[1:]
+    names = [h.strip().lower() for h in rows[0]]  # Chr, CHROM, HepG2: the columns chr, chrom, hepg2
+    return {n: j if names.count(n) == 1 else None for j, n in enumerate(names)}, rows[1:]
 
 
 def _column(path: str, header: dict, rows: list, *names: str, number: bool = False, required: bool = True):
     name = next((n for n in names if n in header), None)
     if name is None and required:
         raise ValueError(f"{path}: missing column {' or '.join(map(repr, names))} (header: {list(header)})")
+    if name is not None and header[name] is None:  # e.g. chr and Chr: which one is meant?
+        raise ValueError(f"{path}: column {name!r} appears more than once in the header (names ignore case)")
     vals = None if name is None else [r[header[name]].strip() for r in rows]
     for i, v in enumerate(vals if number else [], 1):
         try:
@@ -104,6 +115,22 @@ def _column(path: str, header: dict, rows: list, *names: str, number: bool = Fal
     return torch.tensor([float(v) for v in vals]) if number else vals
 
 
+def chrom_name(name: str, where: str = "") -> str:
+    """The one chromosome name of both formats and of --test-chrom / --val-chrom: a 'chr' prefix in any case
+    is dropped, a number becomes its integer (1, 01, 1.0, Chr1: chr1), anything else is upper-cased (x, chrx:
+    chrX; mt: chrMT). An empty name (or nan, na, none) is an error that starts with `where` (file and row)."""
+    n = name.strip()
+    n = n[3:].strip() if n.lower().startswith("chr") else n
+    if n.lower() in ("", "nan", "na", "none"):
+        raise ValueError(f"{where}no chromosome ({name!r})")
+    # a numeric column saved as floats (2.0, as pandas may write it) or zero-padded (02): chr2
+    return "chr" + (str(int(n.split(".")[0])) if re.fullmatch(r"\d+(\.0*)?", n) else n.upper())
+
+
+def _chroms(path: str, names: list[str]) -> np.ndarray:
+    return np.array([chrom_name(c, f"{path}: row {i}: ") for i, c in enumerate(names, 1)])
+
+
 def load_encode(path: str = DEFAULT_DATA) -> DnaData:
     """The vendored ENCODE DHS table (chrom, summit, cell_type, signal, split, sequence; tab-separated)."""
     header, rows = _read_table(path, "\t")
@@ -113,45 +140,39 @@ def load_encode(path: str = DEFAULT_DATA) -> DnaData:
                 raise ValueError(f"{path}: row {i}: unknown {col} {v!r} (known: {', '.join(known)})")
     y = torch.tensor([CELL_TYPES.index(v) for v in _column(path, header, rows, "cell_type")])
     return DnaData(encode_sequences(_column(path, header, rows, "sequence")),
-                   np.array(_column(path, header, rows, "chrom")), y,
+                   _chroms(path, _column(path, header, rows, "chrom")), y,
                    _column(path, header, rows, "signal", number=True), "encode")
 
 
 def load_gosai(path: str, split_seed: int = 0) -> DnaData:
     """A Gosai/DRAKES MPRA CSV: seq, hepg2, k562, sknsh and, if present, a chromosome column (chr/chrom/
-    chromosome). Without one (the DRAKES file gosai_all.csv) every row gets one of ten pseudo-chromosomes
-    chr1..chr10 uniformly at random with numpy seed split_seed: a fixed, reproducible 10% test / 10%
-    validation / 80% training split that does not depend on --seed."""
+    chromosome, in any case). Without one (the DRAKES file gosai_all.csv) every row gets one of ten
+    pseudo-chromosomes chr1..chr10 uniformly at random with numpy seed split_seed: a fixed, reproducible
+    10% test / 10% validation / 80% training split that does not depend on --seed."""
     header, rows = _read_table(path, ",")
     y = torch.stack([_column(path, header, rows, n, number=True) for n in GOSAI_TARGETS], 1)
     x = encode_sequences(_column(path, header, rows, "seq", "sequence"))
     chrom = _column(path, header, rows, "chr", "chrom", "chromosome", required=False)
     if chrom is None:
         chrom = [f"chr{k}" for k in np.random.default_rng(split_seed).integers(1, 11, len(rows))]
-    for i, c in enumerate(chrom, 1):
-        if c.lower() in ("", "chr", "nan", "na", "none"):
-            raise ValueError(f"{path}: row {i}: no chromosome ({c!r})")
-    names = [c[3:] if c.lower().startswith("chr") else c for c in chrom]  # 1, Chr1, chr1: chr1
-    # a numeric column saved as floats (2.0, as pandas may write it): chr2, not chr2.0
-    chrom = np.array(["chr" + (n.split(".")[0] if re.fullmatch(r"\d+\.0+", n) else n) for n in names])
-    return DnaData(x, chrom, y, y[:, 0].clone(), "gosai")
-
-
-def data_sha256(path: str) -> str:
-    """The first 16 hex digits of the sha256 of the file load_data(path) reads (the cached stages' key)."""
-    with open(path or DEFAULT_DATA, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
+    return DnaData(x, _chroms(path, chrom), y, y[:, 0].clone(), "gosai")
 
 
 def load_data(path: str) -> DnaData:
+    """The table at path ('' = the vendored ENCODE file), its format told by the extension, with its hash."""
     path = path or DEFAULT_DATA
     if not os.path.exists(path):
         raise FileNotFoundError(f"data file {path} not found")
-    return load_gosai(path) if path.endswith((".csv", ".csv.gz")) else load_encode(path)
+    with open(path, "rb") as f:
+        sha256 = hashlib.file_digest(f, "sha256").hexdigest()[:16]
+    return replace(load_gosai(path) if path.endswith((".csv", ".csv.gz")) else load_encode(path), sha256=sha256)
 
 
 def split_by_chromosome(data: DnaData, test_chrom: str, val_chrom: str) -> dict[str, DnaData]:
-    """{"train": all other chromosomes, "val": val_chrom, "test": test_chrom}; an empty val or test is an error."""
+    """{"train": all other chromosomes, "val": val_chrom, "test": test_chrom}; an empty val or test is an error.
+    The names go through chrom_name() as the data's do: 1 means chr1."""
+    test_chrom = chrom_name(test_chrom, "test chromosome: ")
+    val_chrom = chrom_name(val_chrom, "validation chromosome: ")
     if test_chrom == val_chrom:  # the validation loss (early stopping) would be measured on the test set
         raise ValueError(f"the test and validation chromosomes must differ, both are {test_chrom}")
     split = {"train": data.subset(~np.isin(data.chrom, [test_chrom, val_chrom])),
@@ -171,6 +192,7 @@ def top_hepg2(data: DnaData, n: int = 1000) -> Tensor:
 def oracle_chromosomes(chrom: np.ndarray, test_chrom: str, val_chrom: str) -> tuple[list[str], list[str]]:
     """Split the training chromosomes (all but test and validation) into two disjoint halves of about
     equal size (greedy, largest first): (fine-tuning oracle's, evaluation oracle's)."""
+    test_chrom, val_chrom = chrom_name(test_chrom), chrom_name(val_chrom)
     names, counts = np.unique(chrom, return_counts=True)
     halves, sizes = ([], []), [0, 0]
     for c, n in sorted(((c, n) for n, c in zip(names, counts) if n not in (test_chrom, val_chrom)),
@@ -199,8 +221,12 @@ def kmer_counts(x: Tensor, k: int = 3) -> Tensor:
 
 
 def pearson(a: Tensor, b: Tensor) -> float:
+    """Pearson correlation; NaN if either input is constant (or empty). Tested on max == min, not on the
+    centred norm: the mean of n equal doubles need not equal them, which left a ~1e-16 'signal'."""
+    if not (len(a) and len(b)) or a.max() == a.min() or b.max() == b.min():
+        return float("nan")
     a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
-    den = (a.norm() * b.norm()).item()
+    den = (a.norm() * b.norm()).item()  # 0 only if the squares underflow (values near 1e-160)
     return float((a @ b).item() / den) if den > 0 else float("nan")
 
 
@@ -251,4 +277,5 @@ if __name__ == "__main__":
     names, counts = np.unique(d.chrom, return_counts=True)
     print(f"{len(d)} sequences ({d.kind}), {len(names)} chromosomes: "
           + ", ".join(f"{n} {c}" for n, c in zip(names, counts)))
-    print("oracle halves (test chr1, validation chr2):", *oracle_chromosomes(d.chrom, "chr1", "chr2"), sep="\n  ")
+    print("oracle halves (test chr1, validation chr2):", *map(" ".join, oracle_chromosomes(d.chrom, "chr1", "chr2")),
+          sep="\n  ")

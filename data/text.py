@@ -92,11 +92,14 @@ def _read_lines(path: str):
         raise ValueError(f"{path}:{n + 1}: cannot read the file ({type(e).__name__}: {e})") from None
 
 
-def load_hh(path: str) -> list[Pair]:
+def load_hh(path: str, skipped: dict | None = None) -> list[Pair]:
     """Read an HH-RLHF file (.jsonl or .jsonl.gz): one JSON object per line with string fields 'chosen' and
     'rejected' sharing the same dialogue prefix. Errors (not UTF-8, a corrupt gzip stream, bad JSON, missing
-    fields, an unpaired surrogate escape) name the line."""
-    pairs, mismatched = [], 0
+    fields, an unpaired surrogate escape) name the line. A dialogue with no usable preference (an empty
+    response, chosen == rejected, a first turn by the Assistant, a prompt that does not end with a Human
+    turn) is skipped, counted by reason into `skipped` and printed: a real HH-RLHF file has a few, and an
+    error would make the whole file unusable."""
+    pairs, mismatched, bad = [], 0, {} if skipped is None else skipped
     for n, raw in _read_lines(path):
         where = f"{path}:{n}"
         try:
@@ -118,10 +121,19 @@ def load_hh(path: str) -> list[Pair]:
                 raise ValueError(f"{where}: field {k!r} holds an unpaired surrogate escape (\\ud800-\\udfff)")
         prompt, chosen = split_hh(obj["chosen"], where + " (chosen)")
         prompt_r, rejected = split_hh(obj["rejected"], where + " (rejected)")
+        reason = ("first turn by the Assistant" if prompt[0][0] != "Human" else
+                  "prompt not ending with a Human turn" if prompt[-1][0] != "Human" else
+                  "empty response" if not chosen or not rejected else "chosen == rejected" if chosen == rejected else "")
+        if reason:  # no preference to learn from (or not a dialogue the prompt block can hold)
+            bad[reason] = bad.get(reason, 0) + 1
+            continue
         mismatched += prompt_r != prompt  # HH-RLHF has a few; keep the chosen side's prompt
         pairs.append(Pair(prompt, chosen, rejected, n))
+    note = ", ".join(f"{v} {k}" for k, v in bad.items())
     if not pairs:
-        raise ValueError(f"{path}: no preference pairs")
+        raise ValueError(f"{path}: no preference pairs" + (f" (skipped: {note})" if bad else ""))
+    if bad:
+        print(f"[data] note: skipped {sum(bad.values())} pairs of {path}: {note}")
     if mismatched:
         print(f"[data] note: {mismatched} pairs have different prompts in chosen/rejected; used chosen's")
     return pairs
@@ -161,13 +173,23 @@ def build_default_pairs(path: str = DEFAULT_PAIRS, seed: int = 0) -> None:
 
 
 def prompt_text(prompt: list[tuple[str, str]]) -> str:
+    """The prompt as one string with [H]/[A] turn markers: the split key and the tokenizer's training text."""
     return " ".join(("[H] " if r == "Human" else "[A] ") + t for r, t in prompt) + " [A]"
 
 
-def train_tokenizer(texts: list[str], vocab: int, path: str):
-    """Byte-level BPE trained offline with `tokenizers`; specials [PAD] = 0, [H] = 1, [A] = 2; saved to path.
-    Trained on every run (deterministic, and under a second here), so it always matches this run's data;
-    the cached stages are keyed on its hash."""
+def prompt_ids(tok, prompt: list[tuple[str, str]]) -> list[int]:
+    """The ids of prompt_text(prompt), with the [H]/[A] ids put in by hand: each turn's text is encoded alone
+    as " text ", the string between two markers of prompt_text, so a literal "[A]" in a turn stays text."""
+    ids = [i for r, t in prompt for i in [HUMAN if r == "Human" else ASSISTANT, *tok.encode(f" {t} ").ids]]
+    return ids + [ASSISTANT]
+
+
+def train_tokenizer(texts: list[str], vocab: int, path: str = ""):
+    """Byte-level BPE trained offline with `tokenizers`; specials [PAD] = 0, [H] = 1, [A] = 2; saved to path
+    if given (train_text.py saves it only once pre-training accepted its hash). Trained on every run
+    (deterministic, and under a second here), so it always matches this run's data; the cached stages are
+    keyed on its hash. encode_special_tokens: raw text never yields a special id ("[PAD]" in a reply stays
+    text); the flag is not saved in the JSON, so set it again after Tokenizer.from_file."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
@@ -177,8 +199,10 @@ def train_tokenizer(texts: list[str], vocab: int, path: str):
     if vocab > tok.get_vocab_size():  # a small corpus may yield fewer merges: pad to exactly `vocab` ids
         tok.add_special_tokens([f"[UNUSED{i}]" for i in range(vocab - tok.get_vocab_size())])
     assert [tok.token_to_id(s) for s in SPECIALS] == [PAD, HUMAN, ASSISTANT]
-    tok.save(path + ".tmp")
-    os.replace(path + ".tmp", path)
+    tok.encode_special_tokens = True
+    if path:
+        tok.save(path + ".tmp")
+        os.replace(path + ".tmp", path)
     return tok
 
 
@@ -188,7 +212,7 @@ def encode_prompts(tok, prompts: list[list[tuple[str, str]]], prompt_len: int, l
     kept. A prompt longer than the block raises (or is skipped with long='skip')."""
     out, kept = [], []
     for i, p in enumerate(prompts):
-        ids = tok.encode(prompt_text(p)).ids
+        ids = prompt_ids(tok, p)
         if len(ids) > prompt_len:
             if long == "skip":
                 continue
@@ -201,8 +225,8 @@ def encode_prompts(tok, prompts: list[list[tuple[str, str]]], prompt_len: int, l
 
 
 def encode_responses(tok, responses: list[str], response_len: int) -> torch.Tensor:
-    """Right-pad (or cut) each response to response_len tokens; no special token inside."""
-    rows = [[i for i in tok.encode(r).ids if i > ASSISTANT][:response_len] for r in responses]
+    """Right-pad (or cut) each response to response_len tokens; no special token inside (encode_special_tokens)."""
+    rows = [tok.encode(r).ids[:response_len] for r in responses]
     return torch.tensor([r + [PAD] * (response_len - len(r)) for r in rows], dtype=torch.long).reshape(-1, response_len)
 
 
@@ -221,7 +245,7 @@ class TextData:
     test_replies: list[str]          # the chosen reply of one pair per held-out prompt (reference row)
     lm_train: torch.Tensor           # [N, Lp + Lr] unique (prompt | chosen response) of the training pairs
     rm_train: tuple[torch.Tensor, torch.Tensor]  # (chosen, rejected) [N, L]: a random half of the training pairs
-    rm_test: tuple[torch.Tensor, torch.Tensor]   # the other half and the held-out prompts' pairs
+    rm_test: tuple[torch.Tensor, torch.Tensor]   # the held-out prompts' pairs (the reward model's held-out accuracy)
     info: dict = field(default_factory=dict)
 
 
@@ -231,49 +255,63 @@ def file_sha256(path: str) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()[:16]
 
 
-def prepare_data(path: str, out: str, vocab: int, prompt_len: int, response_len: int, seed: int = 0,
+def prepare_data(path: str, vocab: int, prompt_len: int, response_len: int, seed: int = 0,
                  max_pairs: int | None = None, long: str = "skip") -> TextData:
     """Load the pairs, split them by prompt (15% of the prompts held out), train the tokenizer on the training
     split, encode; pairs whose prompt does not fit the prompt block are skipped (long="skip", counted in info)
-    or an error. The LM trains on the chosen responses (RLHF's supervised stage), the reward model on half of
-    the pairs. Held-out prompts never reach pre-training, the reward model or SEPO."""
-    pairs = load_hh(path)
+    or an error, and so are (counted) pairs whose chosen and rejected are equal once cut to response_len: no
+    signal, and a sure tie. The LM trains on the chosen responses (RLHF's supervised stage), the reward model
+    on half of the training pairs and is scored on the held-out prompts' pairs. Held-out prompts never reach
+    pre-training, the reward model or SEPO (their replies may: docs/text.md, the split)."""
+    malformed: dict = {}
+    pairs = load_hh(path, malformed)
     if max_pairs and len(pairs) > max_pairs:
         pairs = random.Random(seed).sample(pairs, max_pairs)
     keys = sorted({prompt_text(p.prompt) for p in pairs})
     random.Random(seed).shuffle(keys)
     test_keys = set(keys[: max(1, int(0.15 * len(keys)))])
     split = {k: [p for p in pairs if (prompt_text(p.prompt) in test_keys) == (k == "test")] for k in ("train", "test")}
-    tok = train_tokenizer([prompt_text(p.prompt) + " " + p.chosen + " " + p.rejected for p in split["train"]],
-                          vocab, os.path.join(out, "tokenizer.json"))
-    enc, skipped = {}, 0
+    tok = train_tokenizer([prompt_text(p.prompt) + " " + p.chosen + " " + p.rejected for p in split["train"]], vocab)
+    enc, skipped, identical = {}, 0, 0
     for k, ps in split.items():
         x, kept = encode_prompts(tok, [p.prompt for p in ps], prompt_len, [p.line for p in ps], path, long)
         ps, skipped = [ps[i] for i in kept], skipped + len(ps) - len(kept)
-        enc[k] = (x, *(torch.cat([x, encode_responses(tok, [getattr(p, s) for p in ps], response_len)], 1)
-                       for s in ("chosen", "rejected")), ps)
+        c, r = (torch.cat([x, encode_responses(tok, [getattr(p, s) for p in ps], response_len)], 1)
+                for s in ("chosen", "rejected"))
+        differ = (c != r).any(1)  # equal once cut: no preference left, and a sure tie in the accuracy
+        identical += len(ps) - int(differ.sum())
+        enc[k] = (x[differ], c[differ], r[differ], [p for p, d in zip(ps, differ.tolist()) if d])
     (xp, c_tr, r_tr, train), (xq, c_te, r_te, test) = enc["train"], enc["test"]
     if len(train) < 2 or len(test) < 1:
         raise ValueError(f"{path}: too few usable pairs ({len(train)} train, {len(test)} held out)")
-    perm = torch.randperm(len(c_tr), generator=torch.Generator().manual_seed(seed))
-    half, rest = perm[: len(perm) // 2], perm[len(perm) // 2:]
+    half = torch.randperm(len(c_tr), generator=torch.Generator().manual_seed(seed))[: len(c_tr) // 2]
     first_p = np.sort(np.unique(xp.numpy(), axis=0, return_index=True)[1])
     first_q = np.sort(np.unique(xq.numpy(), axis=0, return_index=True)[1])
     lm = torch.from_numpy(np.unique(c_tr.numpy(), axis=0))  # supervised fine-tuning data: the preferred responses
-    info = dict(source=path, pairs=len(train) + len(test), skipped_long_prompts=skipped, train_prompts=len(first_p),
-                test_prompts=len(first_q), lm_sequences=len(lm), vocab=tok.get_vocab_size(), sha256=file_sha256(path),
-                tokenizer_sha256=hashlib.sha256(tok.to_str().encode()).hexdigest()[:16])
+    info = dict(source=path, pairs=len(train) + len(test), skipped_long_prompts=skipped,
+                skipped_malformed=sum(malformed.values()), skipped_identical_after_cut=identical,
+                train_prompts=len(first_p), test_prompts=len(first_q), lm_sequences=len(lm), vocab=tok.get_vocab_size(),
+                sha256=file_sha256(path), tokenizer_sha256=hashlib.sha256(tok.to_str().encode()).hexdigest()[:16])
     return TextData(tok, xp[first_p], xq[first_q], [test[i].chosen for i in first_q], lm, (c_tr[half], r_tr[half]),
-                    (torch.cat([c_tr[rest], c_te]), torch.cat([r_tr[rest], r_te])), info)
+                    (c_te, r_te), info)
 
 
 # ---------------------------------------------------------------------------- evaluation statistics
 
 
-def distinct_n(texts: list[str], n: int) -> float:
-    """Unique word n-grams / all word n-grams over the whole set (low = repetitive)."""
-    grams = [tuple(w[i:i + n]) for w in (t.lower().split() for t in texts) for i in range(len(w) - n + 1)]
-    return len(set(grams)) / max(1, len(grams))
+def distinct_n(texts: list[str], n: int, per_prompt: int = 1) -> float:
+    """Unique word n-grams / all word n-grams (low = repetitive). The ratio falls as the set grows, so texts
+    holding per_prompt responses per prompt, grouped by prompt, give the mean over the per_prompt slices
+    texts[j::per_prompt] of one response per prompt each: a row of 8 per prompt compares with a row of 1."""
+    def one(ts: list[str]) -> float:
+        grams = [tuple(w[i:i + n]) for w in (t.lower().split() for t in ts) for i in range(len(w) - n + 1)]
+        return len(set(grams)) / max(1, len(grams))
+    return float(np.mean([one(texts[j::per_prompt]) for j in range(per_prompt)]))
+
+
+def pair_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
+    """Pairwise accuracy of scores: chosen above rejected counts 1, a tie 1/2 (equal rows score equal)."""
+    return float((torch.sign(chosen - rejected) / 2 + 0.5).mean())
 
 
 def bootstrap_ci(per_prompt: np.ndarray, reps: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -281,6 +319,7 @@ def bootstrap_ci(per_prompt: np.ndarray, reps: int = 2000, seed: int = 0) -> tup
     correlated, so prompts, not responses, are the independent units of a win rate."""
     idx = np.random.default_rng(seed).integers(len(per_prompt), size=(reps, len(per_prompt)))
     return tuple(np.percentile(per_prompt[idx].mean(1), [2.5, 97.5]).tolist())
+
 
 if __name__ == "__main__":
     build_default_pairs()
