@@ -555,7 +555,7 @@ def two_token_prompts(k, gen):
 @pytest.mark.parametrize("name", GRAPHS)
 @pytest.mark.parametrize("prompt", [False, True])
 @pytest.mark.parametrize("grad,ratio,corrector_steps", [("pl", "snis", 0), ("pl", "snis", 1), ("path", "rollout", 1),
-                                                         ("rollout", "rollout", 1), ("rollout", "snis", 0)])
+                                                        ("rollout", "rollout", 1), ("rollout", "snis", 0)])
 def test_micro_batches_give_the_same_update(name, prompt, grad, ratio, corrector_steps, float64):
     graph, noise, model = make(name)
     model = model.double()
