@@ -366,7 +366,7 @@ def rollout(model, graph: Graph, noise, num_samples: int, length: int, steps: in
     n_fixed = 0 if prefix is None else prefix.shape[1]
     if n_fixed > length:
         raise ValueError(f"prefix of length {n_fixed} does not fit in length {length}")
-    if isinstance(graph, Masked) and noise(torch.zeros(1, device=device))[0].item() != 0:
+    if isinstance(graph, Masked) and noise(torch.zeros(1))[0].item() != 0:  # on the CPU: no device sync
         raise ValueError("the masked graph needs sigmabar(0) = 0 (LogLinear): else the last step leaves MASK tokens")
     x = graph.sample_prior((num_samples, length), device, generator)
     if n_fixed:
@@ -592,7 +592,7 @@ def ppo_advantages(reward: Tensor, baseline: Optional[float | Tensor] = None, no
     if reward.numel() == 0:
         return reward
     adv = reward - (_mean(reward, 0) if baseline is None else baseline)
-    return (adv - _mean(adv, 0)) / ((adv - _mean(adv, 0)).std(unbiased=False) + 1e-8) if normalize else adv
+    return grpo_advantages(adv, len(adv)) if normalize else adv  # whitening: one group of the whole batch
 
 
 def clip_coefficients(log_ratio: Tensor, adv: Tensor, clip_eps: float = 0.2) -> tuple[Tensor, Tensor]:

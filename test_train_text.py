@@ -112,9 +112,9 @@ def test_empty_file_is_an_error(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
+def tok():
     texts = ["[H] hello there [A] hi, how are you?", "[H] thank you [A] you are welcome"] * 20
-    return D.train_tokenizer(texts, 300, str(tmp_path_factory.mktemp("tok") / "tokenizer.json"))
+    return D.train_tokenizer(texts, 300)
 
 
 def test_tokenizer_specials_and_roundtrip(tok):

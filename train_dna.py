@@ -120,6 +120,8 @@ def parse_args(argv: Optional[list[str]] = None) -> Config:
     for k, v in dataclasses.asdict(cfg).items():  # fail now, not after pre-training; `not >=` also catches NaN
         if isinstance(v, (int, float)) and not (v > 0 if k in POSITIVE else v >= 0):
             raise ValueError(f"--{k.replace('_', '-')} must be {'> 0' if k in POSITIVE else '>= 0'}, got {v}")
+    if cfg.bon_max & (cfg.bon_max - 1):
+        raise ValueError(f"--bon-max must be a power of two (best-of-N for N = 1, 2, 4, ...), got {cfg.bon_max}")
     return cfg
 
 
@@ -446,8 +448,6 @@ def bench(cfg: Config, device: torch.device) -> dict:
 def main(argv: Optional[list[str]] = None) -> dict:
     cfg = parse_args(argv)
     sepo_config(cfg, cfg.corrector_steps)  # a bad SEPO setting fails now, not after pre-training
-    if cfg.bon_max & (cfg.bon_max - 1):
-        raise ValueError(f"--bon-max must be a power of two (best-of-N for N = 1, 2, 4, ...), got {cfg.bon_max}")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

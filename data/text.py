@@ -184,9 +184,9 @@ def prompt_ids(tok, prompt: list[tuple[str, str]]) -> list[int]:
     return ids + [ASSISTANT]
 
 
-def train_tokenizer(texts: list[str], vocab: int, path: str = ""):
-    """Byte-level BPE trained offline with `tokenizers`; specials [PAD] = 0, [H] = 1, [A] = 2; saved to path
-    if given (train_text.py saves it only once pre-training accepted its hash). Trained on every run
+def train_tokenizer(texts: list[str], vocab: int):
+    """Byte-level BPE trained offline with `tokenizers`; specials [PAD] = 0, [H] = 1, [A] = 2 (train_text.py
+    saves it to --out only once pre-training accepted its hash). Trained on every run
     (deterministic, and under a second here), so it always matches this run's data; the cached stages are
     keyed on its hash. encode_special_tokens: raw text never yields a special id ("[PAD]" in a reply stays
     text); the flag is not saved in the JSON, so set it again after Tokenizer.from_file."""
@@ -200,9 +200,6 @@ def train_tokenizer(texts: list[str], vocab: int, path: str = ""):
         tok.add_special_tokens([f"[UNUSED{i}]" for i in range(vocab - tok.get_vocab_size())])
     assert [tok.token_to_id(s) for s in SPECIALS] == [PAD, HUMAN, ASSISTANT]
     tok.encode_special_tokens = True
-    if path:
-        tok.save(path + ".tmp")
-        os.replace(path + ".tmp", path)
     return tok
 
 
