@@ -16,6 +16,15 @@ from data import text as D
 
 torch.set_num_threads(1)  # tiny models: threads only add overhead (and the CI box is shared)
 
+# toy sizes: the whole pipeline in seconds. TINY adds one gold-labelled policy pair per prompt; with --data the
+# driver's default is none (a real file has real labels), which TINY_SIZES leaves in place.
+TINY_SIZES = ["--threads", "1", "--vocab", "300", "--prompt-len", "12", "--response-len", "8", "--d-model", "32",
+              "--n-layers", "1", "--n-heads", "2", "--pretrain-steps", "20", "--pretrain-batch", "16", "--rm-d-model", "32",
+              "--rm-layers", "1", "--rm-heads", "2", "--rm-epochs", "0.05", "--rm-batch", "32", "--steps", "4", "--iters", "2",
+              "--batch", "2", "--group", "2", "--lr", "1e-4", "--epochs", "1", "--kl-steps", "2", "--snis", "2",
+              "--pl-positions", "4", "--ckpt-every", "1", "--eval-prompts", "8", "--eval-samples", "2", "--elbo-t", "2"]
+TINY = [*TINY_SIZES, "--policy-pairs", "1"]
+
 
 def hh(prompt_turns, response):
     return D.to_hh(prompt_turns, response)
@@ -184,7 +193,7 @@ def test_reward_model_ignores_where_the_pads_are():
 
 def test_policy_pairs_are_ordered_by_the_gold_judge(tok):
     # RLHF-style labels on model samples: same prompt on both sides, chosen >= rejected + 0.05
-    args = T.parse_args(["--preset", "tiny", "--policy-pairs", "3"])
+    args = T.parse_args([*TINY, "--policy-pairs", "3"])
     torch.manual_seed(0)
     graph, noise, model = T.make_diffusion(args, tok.get_vocab_size(), "cpu")
     # a random sampler over the tokenizer's real tokens (not its [UNUSED] padding): varied responses
@@ -206,7 +215,7 @@ def test_policy_pairs_are_ordered_by_the_gold_judge(tok):
 @pytest.mark.parametrize("graph", ["uniform", "masked"])
 def test_prefix_tokens_unchanged_by_sampling(graph):
     import sepo
-    args = T.parse_args(["--preset", "tiny", "--graph", graph])
+    args = T.parse_args([*TINY, "--graph", graph])
     g, noise, model = T.make_diffusion(args, 50, "cpu")
     model.eval()
     Lp, L = args.prompt_len, args.prompt_len + args.response_len
@@ -242,7 +251,8 @@ def test_bad_settings_fail_before_any_work(tmp_path, capsys):
         with pytest.raises(SystemExit):
             T.main([*bad, "--out", str(tmp_path / "x")])
         assert "invalid choice" in capsys.readouterr().err
-    for flag, value, rule in (("--kl-steps", "-1", ">= 0"), ("--kl-coef", "nan", ">= 0"), ("--eval-samples", "0", "> 0")):
+    for flag, value, rule in (("--kl-steps", "-1", ">= 0"), ("--kl-coef", "nan", ">= 0"), ("--eval-samples", "0", "> 0"),
+                              ("--pretrain-steps", "0", "> 0")):  # 0 steps: a division by zero in the lr schedule
         with pytest.raises(ValueError, match=f"{flag} must be {rule}, got"):  # before, these failed after the pipeline
             T.main([flag, value, "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
@@ -256,9 +266,6 @@ def test_bootstrap_interval_over_prompts():
     lo2, hi2 = T.bootstrap_ci(large)
     assert lo2 < large.mean() < hi2 and (hi2 - lo2) < (hi - lo) / 5  # ~ 1 / sqrt(number of prompts)
     assert T.bootstrap_ci(np.full(7, 0.5)) == (0.5, 0.5)
-
-
-TINY = ["--preset", "tiny", "--threads", "1"]
 
 
 def test_bench_times_one_step_and_writes_nothing(tmp_path, capsys):
@@ -310,6 +317,15 @@ def test_pipeline_smoke_and_resume(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_seeds_share_no_random_stream(tmp_path, monkeypatch):
+    """Stage k seeds its streams with 1000 * --seed + k. Before, it was --seed + k: --seed 1 pre-trained from
+    --seed 0's reward-model stream (0 + 1) and split its data with it."""
+    from test_train_dna import seeds_used
+    used = [seeds_used(monkeypatch, T.main, *TINY, "--seed", s, "--iters", "1", "--out", str(tmp_path / s)) for s in "01"]
+    assert len(used[0]) >= 6 and not used[0] & used[1]
+
+
+@pytest.mark.slow
 def test_pipeline_on_a_real_format_file_and_the_uniform_graph(tmp_path):
     """--data reads an HH-RLHF file of your own (here a small .jsonl.gz); the uniform graph runs end to end."""
     rng = np.random.default_rng(1)
@@ -321,14 +337,14 @@ def test_pipeline_on_a_real_format_file_and_the_uniform_graph(tmp_path):
         lines.append(json.dumps({"chosen": D.to_hh(prompt, a), "rejected": D.to_hh(prompt, b)}))
     path = str(tmp_path / "hh.jsonl.gz")
     write_jsonl(path, lines)
-    res = T.main([*TINY, "--data", path, "--graph", "uniform", "--out", str(tmp_path / "u"), "--prompt-len", "24"])
+    res = T.main([*TINY_SIZES, "--data", path, "--graph", "uniform", "--out", str(tmp_path / "u"), "--prompt-len", "24"])
     assert res["info"]["data"]["pairs"] == 60 and res["info"]["data"]["skipped_long_prompts"] == 0
     assert "accuracy_samples" not in res["info"]  # a real file: no gold-labelled policy pairs
     assert all(math.isfinite(r["nll_per_token"]) for r in res["rows"])
     # the file changed in place (same path, other pairs): the tokenizer is retrained and no stage is reused
     write_jsonl(path, lines[::-1][:50])
     with pytest.raises(ValueError, match=r"pretrain.pt was made with other settings \{'data_sha256'"):
-        T.main([*TINY, "--data", path, "--graph", "uniform", "--out", str(tmp_path / "u"), "--prompt-len", "24"])
+        T.main([*TINY_SIZES, "--data", path, "--graph", "uniform", "--out", str(tmp_path / "u"), "--prompt-len", "24"])
 
 
 # ---------------------------------------------------------------------------- review fixes: split, metrics, encoding

@@ -40,17 +40,15 @@ def arg(default, help: str, choices: Optional[tuple] = None):
 
 @dataclasses.dataclass
 class Config:
-    preset: str = arg("cpu", "cpu: minutes on a laptop; gpu: one GPU; paper: the paper's settings; tiny: tests",
-                      ("cpu", "gpu", "paper", "tiny"))
+    preset: str = arg("cpu", "cpu: minutes on a laptop; gpu: one GPU; paper: the paper's settings", ("cpu", "gpu", "paper"))
     data: str = arg("", "HH-RLHF preference file (.jsonl or .jsonl.gz); '' = data/chatterbot_hh.jsonl.gz")
     out: str = arg("runs/text", "output folder: cached stages, checkpoints, table, plots, examples")
-    seed: int = arg(0, "seed of every stage (runs are reproducible)")
+    seed: int = arg(0, "stage k draws from seed 1000 * seed + k: runs are reproducible and seeds share no stream")
     device: str = arg("auto", "auto (cuda if available), cpu or cuda")
     threads: int = arg(0, "torch CPU threads (0: torch's default)")
     bench: bool = arg(False, "only time one SEPO iteration with untrained models and exit")
     max_pairs: int = arg(0, "use at most this many pairs of --data (a seeded subsample; 0: all)")
-    long_prompts: str = arg("skip", "a pair whose prompt is longer than --prompt-len: skip (counted) or error",
-                            ("skip", "error"))
+    long_prompts: str = arg("skip", "a prompt longer than --prompt-len: skip its pair (counted) or error", ("skip", "error"))
     graph: str = arg("masked", "masked: sepo.Masked + LogLinear (MDLM); uniform: sepo.Uniform + Geometric (SEDD)",
                      ("masked", "uniform"))
     vocab: int = arg(2048, "BPE vocabulary size, special tokens included")
@@ -68,8 +66,8 @@ class Config:
     rm_epochs: float = arg(4.0, "epochs over the reward model's pairs")
     rm_batch: int = arg(64, "pairs per reward-model step")
     rm_lr: float = arg(1e-3, "reward model AdamW learning rate (cosine decay)")
-    policy_pairs: int = arg(8, "gold-labelled pairs of pre-trained LM responses per training prompt for the reward "
-                               "model (0: none; with --data the default is 0: a real file carries real labels)")
+    policy_pairs: int = arg(8, "gold-labelled pairs of pre-trained LM samples per training prompt for the reward model "
+                               "(0: none; the default with --data: a real file has real labels)")
     iters: int = arg(40, "SEPO iterations")
     lr: float = arg(3e-4, "SEPO Adam learning rate")
     batch: int = arg(8, "prompts per SEPO iteration")
@@ -107,14 +105,10 @@ PRESETS = {
                   pretrain_batch=64, pretrain_lr=3e-4, rm_d_model=768, rm_layers=12, rm_heads=12, rm_epochs=1.0, rm_batch=32,
                   rm_lr=5e-5, policy_pairs=4, steps=128, iters=7000, batch=8, group=8, lr=1e-4, kl_coef=0.05, kl_steps=10,
                   snis=4, pl_positions=16, micro_batch=8, eval_prompts=640, elbo_t=16),
-    "tiny": dict(vocab=300, prompt_len=12, response_len=8, d_model=32, n_layers=1, n_heads=2, pretrain_steps=20,
-                 pretrain_batch=16, rm_d_model=32, rm_layers=1, rm_heads=2, rm_epochs=0.05, rm_batch=32, policy_pairs=1,
-                 steps=4, iters=2, batch=2, group=2, lr=1e-4, epochs=1, kl_steps=2, snis=2, pl_positions=4,
-                 ckpt_every=1, eval_prompts=8, eval_samples=2, elbo_t=2),
 }
-POSITIVE = ("vocab", "prompt_len", "response_len", "d_model", "n_layers", "n_heads", "pretrain_batch", "pretrain_lr",
-            "rm_d_model", "rm_layers", "rm_heads", "rm_epochs", "rm_batch", "rm_lr", "ckpt_every", "eval_prompts",
-            "eval_samples", "elbo_t")
+POSITIVE = ("vocab", "prompt_len", "response_len", "d_model", "n_layers", "n_heads", "pretrain_steps", "pretrain_batch",
+            "pretrain_lr", "rm_d_model", "rm_layers", "rm_heads", "rm_epochs", "rm_batch", "rm_lr", "ckpt_every",
+            "eval_prompts", "eval_samples", "elbo_t")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> Config:
@@ -149,13 +143,11 @@ class ScoreNet(nn.Module):
         self.tok = nn.Embedding(vocab_in, d_model)
         self.pos = nn.Parameter(torch.randn(length, d_model) * 0.02)
         self.t_mlp = nn.Sequential(nn.Linear(64, d_model), nn.SiLU(), nn.Linear(d_model, d_model * n_layers))
-        self.layers = nn.ModuleList(nn.TransformerEncoderLayer(d_model, n_heads, 4 * d_model, dropout=0.0,
-                                                               activation="gelu", batch_first=True, norm_first=True)
-                                    for _ in range(n_layers))
+        self.layers = nn.ModuleList(nn.TransformerEncoderLayer(d_model, n_heads, 4 * d_model, dropout=0.0, activation="gelu",
+                                                               batch_first=True, norm_first=True) for _ in range(n_layers))
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_out)
-        nn.init.zeros_(self.head.weight)  # start at s = 1 / uniform logits: a calm first step
-        nn.init.zeros_(self.head.bias)
+        nn.init.zeros_(self.head.weight), nn.init.zeros_(self.head.bias)  # s = 1 / uniform logits: a calm first step
 
     def forward(self, x: Tensor, sigma: Tensor) -> Tensor:
         freqs = torch.exp(-math.log(1000.0) * torch.arange(32, device=x.device) / 32)
@@ -209,10 +201,8 @@ def save_atomic(obj, path: str) -> None:
 
 def load_ckpt(path: str, settings: dict) -> Optional[dict]:
     """The checkpoint at path, or None; one made with other settings is an error, never a silent reuse."""
-    if not os.path.exists(path):
-        return None
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    diff = {k: (ck["settings"].get(k), v) for k, v in settings.items() if ck["settings"].get(k) != v}
+    ck = torch.load(path, map_location="cpu", weights_only=False) if os.path.exists(path) else None
+    diff = {k: (ck["settings"].get(k), v) for k, v in settings.items() if ck and ck["settings"].get(k) != v}
     if diff:
         raise ValueError(f"{path} was made with other settings {diff} (saved, requested); use another --out or delete it")
     return ck
@@ -220,9 +210,9 @@ def load_ckpt(path: str, settings: dict) -> Optional[dict]:
 
 def train_loop(name: str, model: nn.Module, loss_fn: Callable[[Tensor, torch.Generator], Tensor], n: int,
                steps: int, batch: int, lr: float, path: str, settings: dict, seed: int, every: int = 0,
-               val_fn: Optional[Callable[[], dict]] = None) -> dict:
-    """AdamW + cosine decay on random minibatches of indices [0, n); checkpoints every `every` steps and at
-    the end, resumes exactly (weights, optimizer, schedule, random streams). -> the last metrics."""
+               val_fn: Callable[[], dict] = dict) -> dict:
+    """AdamW + cosine decay on random minibatches of indices [0, n); a checkpoint every `every` steps and at
+    the end, and an exact resume from it. -> metrics: the smoothed training loss and val_fn's."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
     device = next(model.parameters()).device
@@ -231,11 +221,11 @@ def train_loop(name: str, model: nn.Module, loss_fn: Callable[[Tensor, torch.Gen
     if ck is not None:
         model.load_state_dict(ck["model"])
         if ck["done"]:  # validation re-measured: a cached model is judged on this code's held-out sets
-            metrics = {**ck["metrics"], **(val_fn() if val_fn else {})}
+            metrics = {**ck["metrics"], **val_fn()}
             print(f"[{name}] cached in {path}: {fmt(metrics)}")
             return metrics
-        opt.load_state_dict(ck["opt"]), sched.load_state_dict(ck["sched"]), gen.set_state(ck["gen"])
-        mgen.set_state(ck["mgen"])
+        opt.load_state_dict(ck["opt"]), sched.load_state_dict(ck["sched"])
+        gen.set_state(ck["gen"]), mgen.set_state(ck["mgen"])
         step, run = ck["step"], ck["run"]  # run: the smoothed loss goes on where it was
         print(f"[{name}] resuming at step {step}/{steps}")
     while step < steps:
@@ -247,11 +237,11 @@ def train_loop(name: str, model: nn.Module, loss_fn: Callable[[Tensor, torch.Gen
         opt.step(), sched.step()
         step, run = step + 1, loss.item() if step == 0 else 0.98 * run + 0.02 * loss.item()
         if step == steps or (every and step % every == 0):
-            metrics = {"train_loss": run, "step": step, **(val_fn() if val_fn else {})}
+            metrics = {"train_loss": run, "step": step, **val_fn()}
             print(f"[{name}] step {step}/{steps} {fmt(metrics)} ({time.perf_counter() - tic:.0f}s)", flush=True)
             save_atomic(dict(settings=settings, model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
-                             gen=gen.get_state(), mgen=mgen.get_state(), step=step, run=run,
-                             done=step == steps, metrics=metrics), path)
+                             gen=gen.get_state(), mgen=mgen.get_state(), step=step, run=run, done=step == steps,
+                             metrics=metrics), path)
     return metrics
 
 
@@ -273,12 +263,12 @@ def keys(cfg: Config, names: tuple, data: TextData) -> dict:
 
 def pretrain(cfg: Config, data: TextData, device) -> tuple[sepo.Graph, object, nn.Module]:
     """Stage 2: the diffusion LM, trained with sepo.pretrain_loss (the prompt block is never noised)."""
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(1000 * cfg.seed)
     graph, noise, model = make_diffusion(cfg, data.tok.get_vocab_size(), device)
     X = data.lm_train.to(device)
     train_loop("pretrain", model, lambda i, g: sepo.pretrain_loss(model, graph, noise, X[i], cfg.prompt_len, g), len(X),
                cfg.pretrain_steps, cfg.pretrain_batch, cfg.pretrain_lr, os.path.join(cfg.out, "pretrain.pt"),
-               keys(cfg, LM_KEYS, data), cfg.seed, every=200)
+               keys(cfg, LM_KEYS, data), 1000 * cfg.seed, every=200)
     save_atomic(data.tok.to_str(), os.path.join(cfg.out, "tokenizer.json"))  # only now: pretrain.pt accepted its hash
     return graph, noise, model.eval().requires_grad_(False)
 
@@ -308,21 +298,22 @@ def train_reward_model(cfg: Config, data: TextData, graph, noise, pre: nn.Module
     pp = load_ckpt(os.path.join(cfg.out, f"policy_pairs_{tag}.pt"), settings)
     if pp is None and cfg.policy_pairs > 0:
         tic = time.perf_counter()
-        pp = {"settings": settings, "train": policy_pairs(cfg, data, graph, noise, pre, data.train_prompts, cfg.seed + 10),
-              "test": policy_pairs(cfg, data, graph, noise, pre, data.test_prompts, cfg.seed + 20)}
+        pp = {"settings": settings,
+              "train": policy_pairs(cfg, data, graph, noise, pre, data.train_prompts, 1000 * cfg.seed + 10),
+              "test": policy_pairs(cfg, data, graph, noise, pre, data.test_prompts, 1000 * cfg.seed + 20)}
         save_atomic(pp, os.path.join(cfg.out, f"policy_pairs_{tag}.pt"))
         print(f"[reward] {len(pp['train'][0])} gold-labelled pairs of pre-trained LM responses "
               f"({len(pp['test'][0])} on held-out prompts) {time.perf_counter() - tic:.0f}s", flush=True)
     (c, r), tests = data.rm_train, {"data": data.rm_test}
     if pp is not None:
         c, r, tests["samples"] = torch.cat([c, pp["train"][0]]), torch.cat([r, pp["train"][1]]), pp["test"]
-    torch.manual_seed(cfg.seed + 1)
+    torch.manual_seed(1000 * cfg.seed + 1)
     rm = RewardModel(data.tok.get_vocab_size(), cfg.prompt_len + cfg.response_len, cfg.rm_d_model, cfg.rm_layers,
                      cfg.rm_heads).to(device)
     c, r = c.to(device), r.to(device)
     info = train_loop("reward", rm, lambda i, g: -F.logsigmoid(rm(c[i]) - rm(r[i])).mean(), len(c),
                       max(1, round(cfg.rm_epochs * len(c) / cfg.rm_batch)), cfg.rm_batch, cfg.rm_lr,
-                      os.path.join(cfg.out, f"reward_model_{tag}.pt"), settings, cfg.seed + 1,
+                      os.path.join(cfg.out, f"reward_model_{tag}.pt"), settings, 1000 * cfg.seed + 1,
                       val_fn=lambda: {f"accuracy_{k}": pair_accuracy(rm.eval().reward(a.to(device)), rm.reward(b.to(device)))
                                       for k, (a, b) in tests.items()})
     return rm.eval().requires_grad_(False), info
@@ -331,9 +322,9 @@ def train_reward_model(cfg: Config, data: TextData, graph, noise, pre: nn.Module
 def sepo_config(cfg: Config) -> sepo.SEPOConfig:
     return sepo.SEPOConfig(lr=cfg.lr, batch_size=cfg.batch, group_size=cfg.group, epochs=cfg.epochs, clip_eps=cfg.clip_eps,
                            kl_coef=cfg.kl_coef, kl_steps=min(cfg.kl_steps, cfg.steps), snis_samples=cfg.snis, steps=cfg.steps,
-                           corrector_steps=cfg.corrector_steps, advantage="ppo", baseline=cfg.baseline,
+                           corrector_steps=cfg.corrector_steps, advantage="ppo", baseline=cfg.baseline, seed=1000 * cfg.seed,
                            pl_positions=cfg.pl_positions, t_eval=cfg.t_eval or None, grad=cfg.grad, ratio=cfg.ratio,
-                           path_steps=cfg.path_steps or None, micro_batch=cfg.micro_batch or None, amp=cfg.amp, seed=cfg.seed)
+                           path_steps=cfg.path_steps or None, micro_batch=cfg.micro_batch or None, amp=cfg.amp)
 
 
 def finetune(cfg: Config, data: TextData, graph, noise, pre: nn.Module, rm: RewardModel) -> tuple[nn.Module, list]:
@@ -370,10 +361,10 @@ def evaluate(cfg: Config, data: TextData, graph, noise, pre: nn.Module, ft: nn.M
     the reference every row is judged against; a second pre-trained draw shows the win rate of no change."""
     prompts = data.test_prompts[: cfg.eval_prompts]
     many, P, k = prompts.repeat_interleave(cfg.eval_samples, 0), cfg.prompt_len, cfg.eval_samples
-    ref = [gold_score(t) for t in decode(data.tok, generate(cfg, pre, graph, noise, many, cfg.seed + 100)[:, P:])]
+    ref = [gold_score(t) for t in decode(data.tok, generate(cfg, pre, graph, noise, many, 1000 * cfg.seed + 100)[:, P:])]
     real = torch.cat([prompts, encode_responses(data.tok, data.test_replies[: len(prompts)], cfg.response_len)], 1)
-    draws = {"pre-trained": generate(cfg, pre, graph, noise, many, cfg.seed + 200),
-             f"SEPO ({cfg.steps} steps)": generate(cfg, ft, graph, noise, many, cfg.seed + 100),  # paired with ref
+    draws = {"pre-trained": generate(cfg, pre, graph, noise, many, 1000 * cfg.seed + 200),
+             f"SEPO ({cfg.steps} steps)": generate(cfg, ft, graph, noise, many, 1000 * cfg.seed + 100),  # paired with ref
              "chosen replies (data)": real}
     rows, device = [], next(pre.parameters()).device
     for name, x in draws.items():
@@ -381,7 +372,7 @@ def evaluate(cfg: Config, data: TextData, graph, noise, pre: nn.Module, ft: nn.M
         gold = np.array([gold_score(t) for t in text])
         versus = np.array(ref).reshape(len(prompts), k)[:, :per].reshape(-1)
         per_prompt = (np.sign(gold - versus) / 2 + 0.5).reshape(len(prompts), -1).mean(1)  # ties count 1/2
-        g = torch.Generator(device).manual_seed(cfg.seed + 300)
+        g = torch.Generator(device).manual_seed(1000 * cfg.seed + 300)
         ll = sepo.elbo(pre, graph, noise, x.to(device), cfg.elbo_t, P, g, batch_size=64)
         nll = float(-ll.mean()) / cfg.response_len
         rows.append({"model": name, "n": len(text), "rm_score": float(rm.reward(x.to(device)).mean()),
@@ -413,8 +404,7 @@ def report(cfg: Config, rows: list, examples: list, history: list, info: dict, s
         save_atomic(text, os.path.join(cfg.out, name))
     from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
     fig = Figure(figsize=(12, 3.2))
-    panels = {"reward_mean": "mean reward R(x) of the rollouts", "kl": "path KL to the pre-trained model",
-              "clip_frac": "clip fraction"}
+    panels = {"reward_mean": "mean reward R(x)", "kl": "path KL to the pre-trained model", "clip_frac": "clip fraction"}
     for a, (key, title) in zip(fig.subplots(1, 3), panels.items()):
         a.plot([h[key] for h in history]), a.set(title=title, xlabel="SEPO iteration")
     fig.tight_layout(), fig.savefig(os.path.join(cfg.out, f"curves_{tag}.png"), dpi=110)
@@ -424,7 +414,7 @@ def report(cfg: Config, rows: list, examples: list, history: list, info: dict, s
 def bench(cfg: Config, device: torch.device) -> dict:
     """Time one SEPO iteration at these settings with an untrained diffusion LM and reward model (random
     prompts); peak GPU memory on CUDA."""
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(1000 * cfg.seed)
     graph, noise, model = make_diffusion(cfg, cfg.vocab, device)
     rm = RewardModel(cfg.vocab, cfg.prompt_len + cfg.response_len, cfg.rm_d_model, cfg.rm_layers, cfg.rm_heads).to(device)
     prompts = torch.randint(3, cfg.vocab, (256, cfg.prompt_len), device=device)
@@ -450,7 +440,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         return bench(cfg, device)
     os.makedirs(cfg.out, exist_ok=True)
     tic, stamps = time.perf_counter(), {}
-    data = prepare_data(cfg.data or DEFAULT_PAIRS, cfg.vocab, cfg.prompt_len, cfg.response_len, cfg.seed,
+    data = prepare_data(cfg.data or DEFAULT_PAIRS, cfg.vocab, cfg.prompt_len, cfg.response_len, 1000 * cfg.seed,
                         cfg.max_pairs or None, cfg.long_prompts)
     print(f"[data] {json.dumps(data.info)}")
     graph, noise, pre = pretrain(cfg, data, device)
