@@ -398,13 +398,13 @@ def test_seeds_share_no_random_stream(tmp_path, toy_data, monkeypatch):
 
 @pytest.mark.slow
 def test_sepo_resume_is_exact(tmp_path, toy_data):
-    flags = ("--corrector-steps", "0", "--ckpt-every", "2", "--bon-max", "3")  # best-of-N curve: N = 1, 2
+    flags = ("--corrector-steps", "0", "--ckpt-every", "2", "--bon-max", "3")  # best-of-N curve: N = 1, 2, 3
     straight = run(tmp_path / "s", toy_data, "--iters", "2", *flags)
     run(tmp_path / "r", toy_data, "--iters", "1", *flags)  # stop after one iteration ...
     resumed = run(tmp_path / "r", toy_data, "--iters", "2", *flags)  # ... and continue
     assert set(straight) == {"Pre-trained", "SEPO", "Best-of-3 (ft oracle)", "Data (chr1, HepG2)"}
     saved = [json.loads((tmp_path / d / "results.json").read_text()) for d in "sr"]
-    assert [b["N"] for b in saved[0]["best_of_n"]] == [1, 2]
+    assert [b["N"] for b in saved[0]["best_of_n"]] == [1, 2, 3]
     a, b = (s["runs"]["SEPO"] for s in saved)
     assert [p["iteration"] for p in b["probes"]] == [p["iteration"] for p in a["probes"]] == [2]  # not [1, 2]
     a, b = a["history"], b["history"]

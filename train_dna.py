@@ -82,7 +82,7 @@ class Config:
     amp: str = arg("none", "bf16: autocast of the rollout and gradient passes", ("none", "bf16"))
     ckpt_every: int = arg(10, "SEPO iterations between checkpoints (each also evaluated for the trade-off plot)")
     n_eval: int = arg(640, "samples per evaluated model (paper: 640)")
-    bon_max: int = arg(8, "best-of-N curve for N = 1, 2, 4, ... up to bon_max")
+    bon_max: int = arg(8, "best-of-N curve for N = 1, 2, 4, ... and bon_max")
     elbo_t: int = arg(4, "Monte-Carlo times per sequence for App-Log-Lik")
 
 
@@ -202,8 +202,9 @@ ACCESS_KEYS = ("access_epochs", "oracle_batch", "oracle_lr")
 
 
 def keys(cfg: Config, data: DnaData, *names: str) -> dict:
-    """A stage's settings; the data file's content hash too, so a file changed in place is never silently reused."""
-    return {"data_sha256": data.sha256, **{n: getattr(cfg, n) for n in ("data", "seed", "test_chrom", "val_chrom", *names)}}
+    """A stage's settings, the base of its random streams and the data file's hash: none changes unnoticed."""
+    names = ("data", "seed", "test_chrom", "val_chrom", *names)
+    return {"data_sha256": data.sha256, "stream_seed": 1000 * cfg.seed, **{n: getattr(cfg, n) for n in names}}
 
 
 def train_loop(name: str, model: nn.Module, loss_fn: Callable[[Tensor, torch.Generator], Tensor], n: int,
@@ -218,7 +219,7 @@ def train_loop(name: str, model: nn.Module, loss_fn: Callable[[Tensor, torch.Gen
     step, run, metrics, tic, ck = 0, 0.0, {}, time.perf_counter(), load_ckpt(path, settings)
     if ck is not None:
         model.load_state_dict(ck["model"])
-        if ck["done"]:  # validation re-measured: a cached model is judged on this code's held-out sets
+        if ck["step"] == steps:  # finished; validation re-measured: a cached model is judged on this code's held-out sets
             metrics = {**ck["metrics"], **val_fn()}
             print(f"[{name}] cached in {path}: {fmt(metrics)}")
             return metrics
@@ -238,8 +239,7 @@ def train_loop(name: str, model: nn.Module, loss_fn: Callable[[Tensor, torch.Gen
             metrics = {"train_loss": run, "step": step, **val_fn()}
             print(f"[{name}] step {step}/{steps} {fmt(metrics)} ({time.perf_counter() - tic:.0f}s)", flush=True)
             save_atomic(dict(settings=settings, model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
-                             gen=gen.get_state(), mgen=mgen.get_state(), step=step, run=run, done=step == steps,
-                             metrics=metrics), path)
+                             gen=gen.get_state(), mgen=mgen.get_state(), step=step, run=run, metrics=metrics), path)
     return metrics
 
 
@@ -378,7 +378,7 @@ def evaluate(cfg: Config, score, pretrained: nn.Module, runs: dict, models: dict
         tag = name.split(" (")[0].replace(" ", "_").lower()
         save_atomic("\n".join(decode_sequences(x)) + "\n", os.path.join(cfg.out, f"samples_{tag}.txt"))
     results = {name: score(x) for name, x in rows.items()}
-    curve = [{"N": n, **score(best(n))} for n in (2 ** k for k in range(int(math.log2(cfg.bon_max)) + 1))]
+    curve = [{"N": n, **score(best(n))} for n in sorted({2 ** k for k in range(cfg.bon_max.bit_length())} | {cfg.bon_max})]
     return results, curve
 
 

@@ -220,7 +220,7 @@ def train_loop(name: str, model: nn.Module, loss_fn: Callable[[Tensor, torch.Gen
     step, run, metrics, tic, ck = 0, 0.0, {}, time.perf_counter(), load_ckpt(path, settings)
     if ck is not None:
         model.load_state_dict(ck["model"])
-        if ck["done"]:  # validation re-measured: a cached model is judged on this code's held-out sets
+        if ck["step"] == steps:  # finished; validation re-measured: a cached model is judged on this code's held-out sets
             metrics = {**ck["metrics"], **val_fn()}
             print(f"[{name}] cached in {path}: {fmt(metrics)}")
             return metrics
@@ -240,8 +240,7 @@ def train_loop(name: str, model: nn.Module, loss_fn: Callable[[Tensor, torch.Gen
             metrics = {"train_loss": run, "step": step, **val_fn()}
             print(f"[{name}] step {step}/{steps} {fmt(metrics)} ({time.perf_counter() - tic:.0f}s)", flush=True)
             save_atomic(dict(settings=settings, model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
-                             gen=gen.get_state(), mgen=mgen.get_state(), step=step, run=run, done=step == steps,
-                             metrics=metrics), path)
+                             gen=gen.get_state(), mgen=mgen.get_state(), step=step, run=run, metrics=metrics), path)
     return metrics
 
 
@@ -256,9 +255,10 @@ RM_KEYS = LM_KEYS + ("rm_d_model", "rm_layers", "rm_heads", "rm_epochs", "rm_bat
 
 
 def keys(cfg: Config, names: tuple, data: TextData) -> dict:
-    """A stage's settings; with the data file's and the tokenizer's hashes, so a changed file is never reused."""
+    """A stage's settings, the base of its random streams, the data file's and the tokenizer's hashes: none changes
+    unnoticed."""
     return {**{n: getattr(cfg, n) for n in names}, "data_sha256": data.info["sha256"],
-            "tokenizer_sha256": data.info["tokenizer_sha256"]}
+            "tokenizer_sha256": data.info["tokenizer_sha256"], "stream_seed": 1000 * cfg.seed}
 
 
 def pretrain(cfg: Config, data: TextData, device) -> tuple[sepo.Graph, object, nn.Module]:
@@ -377,7 +377,7 @@ def evaluate(cfg: Config, data: TextData, graph, noise, pre: nn.Module, ft: nn.M
         nll = float(-ll.mean()) / cfg.response_len
         rows.append({"model": name, "n": len(text), "rm_score": float(rm.reward(x.to(device)).mean()),
                      "gold_mean": float(gold.mean()), "gold_win": float(per_prompt.mean()),
-                     "gold_win_ci": bootstrap_ci(per_prompt, seed=cfg.seed), "nll_per_token": nll,
+                     "gold_win_ci": bootstrap_ci(per_prompt, seed=1000 * cfg.seed), "nll_per_token": nll,
                      "perplexity": math.exp(min(nll, 50.0)), **{f"distinct_{n}": distinct_n(text, n, per) for n in (1, 2)}})
     texts = [decode(data.tok, x[::k, P:]) for x in (draws["pre-trained"], draws[f"SEPO ({cfg.steps} steps)"])]
     prompt_texts = [data.tok.decode([i for i in row.tolist() if i != PAD], skip_special_tokens=False) for row in prompts]
