@@ -85,6 +85,10 @@ class Config:
     bon_max: int = arg(8, "best-of-N curve for N = 1, 2, 4, ... and bon_max")
     elbo_t: int = arg(4, "Monte-Carlo times per sequence for App-Log-Lik")
 
+    @property
+    def stream_seed(self) -> int:  # stage k draws from stream_seed + k, k < 1000: two seeds share no stream
+        return 1000 * self.seed
+
 
 PRESETS = {
     "cpu": {},
@@ -204,7 +208,7 @@ ACCESS_KEYS = ("access_epochs", "oracle_batch", "oracle_lr")
 def keys(cfg: Config, data: DnaData, *names: str) -> dict:
     """A stage's settings, the base of its random streams and the data file's hash: none changes unnoticed."""
     names = ("data", "seed", "test_chrom", "val_chrom", *names)
-    return {"data_sha256": data.sha256, "stream_seed": 1000 * cfg.seed, **{n: getattr(cfg, n) for n in names}}
+    return {"data_sha256": data.sha256, "stream_seed": cfg.stream_seed, **{n: getattr(cfg, n) for n in names}}
 
 
 def train_loop(name: str, model: nn.Module, loss_fn: Callable[[Tensor, torch.Generator], Tensor], n: int,
@@ -249,19 +253,19 @@ def fmt(d: dict) -> str:
 
 def pretrain(cfg: Config, train: DnaData, val: DnaData, device) -> nn.Module:
     """Stage 2: the MDLM denoiser, trained on the training chromosomes with sepo.pretrain_loss."""
-    torch.manual_seed(1000 * cfg.seed)
+    torch.manual_seed(cfg.stream_seed)
     model = DilatedCNNDenoiser(cfg.hidden, cfg.stacks).to(device)
-    pick = torch.randperm(len(val), generator=torch.Generator().manual_seed(1000 * cfg.seed))[:2048]  # a file may be sorted
+    pick = torch.randperm(len(val), generator=torch.Generator().manual_seed(cfg.stream_seed))[:2048]  # a file may be sorted
     xtr, xval = train.x.to(device), val.x[pick].to(device)
 
     def val_loss() -> dict:
-        g = torch.Generator(device).manual_seed(1000 * cfg.seed + 7)
+        g = torch.Generator(device).manual_seed(cfg.stream_seed + 7)
         with torch.no_grad():
             return {"val_loss": float(np.mean([sepo.pretrain_loss(model.eval(), GRAPH, NOISE, xb, generator=g).item()
                                                for xb in xval.split(256)]))}
     train_loop("pretrain", model, lambda i, g: sepo.pretrain_loss(model, GRAPH, NOISE, xtr[i], generator=g), len(xtr),
                cfg.pretrain_steps, cfg.pretrain_batch, cfg.pretrain_lr, os.path.join(cfg.out, "pretrain.pt"),
-               keys(cfg, train, *PRETRAIN_KEYS), 1000 * cfg.seed, cfg.val_every, val_loss)
+               keys(cfg, train, *PRETRAIN_KEYS), cfg.stream_seed, cfg.val_every, val_loss)
     return model.eval().requires_grad_(False)
 
 
@@ -273,7 +277,7 @@ def train_oracles(cfg: Config, train: DnaData, test: DnaData, device) -> tuple[d
     models, report, encode = {}, {}, train.kind == "encode"
     for j, name in enumerate(("ft_oracle", "eval_oracle", "access")):
         part = train.subset(np.isin(train.chrom, halves[min(j, 1)]))
-        torch.manual_seed(1000 * cfg.seed + 10 + j)
+        torch.manual_seed(cfg.stream_seed + 10 + j)
         if name == "access":  # balanced classes: p > 0.5 means "HepG2 more likely than not"
             m, y = AccessibilityCNN().to(device), part.hepg2().float().to(device)
             w = (1 - y).sum() / y.sum().clamp(min=1)
@@ -290,7 +294,7 @@ def train_oracles(cfg: Config, train: DnaData, test: DnaData, device) -> tuple[d
         xo, yo = part.x.to(device), y.to(device)
         report[name] = train_loop(name, m, lambda i, g, m=m, f=loss, xo=xo, yo=yo: f(m(xo[i]), yo[i]), len(part),
                                   max(1, round(epochs * len(part) / cfg.oracle_batch)), cfg.oracle_batch, cfg.oracle_lr,
-                                  os.path.join(cfg.out, f"{name}.pt"), settings, 1000 * cfg.seed + 10 + j, 0,
+                                  os.path.join(cfg.out, f"{name}.pt"), settings, cfg.stream_seed + 10 + j, 0,
                                   lambda m=m, h=held_out: h(m))
         models[name] = m.eval().requires_grad_(False)
         if any(k.endswith("auroc") and v < 0.6 for k, v in report[name].items()):  # seeds differ: docs/dna.md
@@ -305,7 +309,7 @@ def sepo_config(cfg: Config, corrector_steps: int) -> sepo.SEPOConfig:
                            clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef, kl_steps=min(cfg.kl_steps, cfg.steps),
                            snis_samples=cfg.snis, steps=cfg.steps, corrector_steps=corrector_steps, advantage="grpo",
                            pl_positions=cfg.pl_positions, grad=cfg.grad, ratio=cfg.ratio, path_steps=cfg.path_steps or None,
-                           micro_batch=cfg.micro_batch or None, amp=cfg.amp, seed=1000 * cfg.seed + 30 + corrector_steps)
+                           micro_batch=cfg.micro_batch or None, amp=cfg.amp, seed=cfg.stream_seed + 30 + corrector_steps)
 
 
 def finetune(cfg: Config, train: DnaData, pretrained: nn.Module, reward_fn, corrector_steps: int, tag: str,
@@ -352,7 +356,7 @@ def make_scorer(cfg: Config, models: dict, pretrained: nn.Module, train: DnaData
     top_kmers, top_motifs = kmer_counts(top), motif_hits(top, pwms)
 
     def score(x: Tensor) -> dict:
-        g = torch.Generator(device).manual_seed(1000 * cfg.seed + 200)  # the same noise for every row: paired
+        g = torch.Generator(device).manual_seed(cfg.stream_seed + 200)  # the same noise for every row: paired
         ll = sepo.elbo(pretrained, GRAPH, NOISE, x.to(device), cfg.elbo_t, generator=g, batch_size=256)
         return {"Pred-Activity": hepg2_score(predict(models["eval_oracle"], x), train.kind).median().item(),
                 "ATAC-Acc %": 100 * (predict(models["access"], x) > 0).float().mean().item(),
@@ -364,12 +368,12 @@ def make_scorer(cfg: Config, models: dict, pretrained: nn.Module, train: DnaData
 
 def evaluate(cfg: Config, score, pretrained: nn.Module, runs: dict, models: dict, test: DnaData) -> tuple[dict, list]:
     """Stage 5: the table's rows, and best-of-N from one pool of pre-trained samples for N = 1, 2, 4, ..."""
-    rows = {"Pre-trained": draw(cfg, pretrained, cfg.n_eval, 0, 1000 * cfg.seed + 100)}
+    rows = {"Pre-trained": draw(cfg, pretrained, cfg.n_eval, 0, cfg.stream_seed + 100)}
     for j, (name, (gf, model, _, _)) in enumerate(runs.items()):
-        rows[name] = draw(cfg, model, cfg.n_eval, gf, 1000 * cfg.seed + 101 + j)
+        rows[name] = draw(cfg, model, cfg.n_eval, gf, cfg.stream_seed + 101 + j)
     n_match = 1 + math.ceil(cfg.iters * cfg.batch * cfg.group / cfg.n_eval)  # SEPO's sampling budget
     n_pool = max(cfg.bon_max, n_match)
-    pool = draw(cfg, pretrained, cfg.n_eval * n_pool, 0, 1000 * cfg.seed + 110).view(cfg.n_eval, n_pool, SEQ_LEN)
+    pool = draw(cfg, pretrained, cfg.n_eval * n_pool, 0, cfg.stream_seed + 110).view(cfg.n_eval, n_pool, SEQ_LEN)
     reward = hepg2_score(predict(models["ft_oracle"], pool.flatten(0, 1)), test.kind).view(cfg.n_eval, n_pool)
     best = lambda n: pool[torch.arange(cfg.n_eval), reward[:, :n].argmax(1)]
     rows[f"Best-of-{n_match} (ft oracle)"] = best(n_match)
@@ -413,7 +417,7 @@ def report(cfg: Config, results: dict, bon: list, runs: dict, oracles: dict, sta
 def bench(cfg: Config, device: torch.device) -> dict:
     """Time one SEPO iteration (plain, and with the corrector) at these settings with an untrained denoiser and
     oracle; peak GPU memory on CUDA. (docs/bf16_error.py measures what --amp bf16 does to the ratios.)"""
-    torch.manual_seed(1000 * cfg.seed)
+    torch.manual_seed(cfg.stream_seed)
     model = DilatedCNNDenoiser(cfg.hidden, cfg.stacks).to(device)
     oracle = EnformerOracle(4, cfg.oracle_dim, cfg.oracle_depth, cfg.oracle_heads, cfg.oracle_downsamples).to(device)
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
@@ -448,7 +452,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     stamps["oracles"] = time.perf_counter() - tic - sum(stamps.values())
     score = make_scorer(cfg, models, pretrained, split["train"])
     reward_fn = lambda x: hepg2_score(predict(models["ft_oracle"], x), data.kind).to(x.device)  # the only reward
-    probe = lambda m, gf: score(draw(cfg, m, cfg.n_eval, gf, 1000 * cfg.seed + 150))
+    probe = lambda m, gf: score(draw(cfg, m, cfg.n_eval, gf, cfg.stream_seed + 150))
     runs = {}  # name: (corrector steps, model, history, probes)
     for name, gf in [("SEPO", 0)] + ([("SEPO with GF", cfg.corrector_steps)] if cfg.corrector_steps else []):
         runs[name] = (gf, *finetune(cfg, split["train"], pretrained, reward_fn, gf, "sepo_gf" if gf else "sepo", probe))

@@ -93,6 +93,10 @@ class Config:
     eval_samples: int = arg(8, "responses per held-out prompt and model")
     elbo_t: int = arg(8, "Monte-Carlo times per sequence for the perplexity (sepo.elbo)")
 
+    @property
+    def stream_seed(self) -> int:  # stage k draws from stream_seed + k, k < 1000: two seeds share no stream
+        return 1000 * self.seed
+
 
 PRESETS = {
     "cpu": {},
@@ -258,17 +262,17 @@ def keys(cfg: Config, names: tuple, data: TextData) -> dict:
     """A stage's settings, the base of its random streams, the data file's and the tokenizer's hashes: none changes
     unnoticed."""
     return {**{n: getattr(cfg, n) for n in names}, "data_sha256": data.info["sha256"],
-            "tokenizer_sha256": data.info["tokenizer_sha256"], "stream_seed": 1000 * cfg.seed}
+            "tokenizer_sha256": data.info["tokenizer_sha256"], "stream_seed": cfg.stream_seed}
 
 
 def pretrain(cfg: Config, data: TextData, device) -> tuple[sepo.Graph, object, nn.Module]:
     """Stage 2: the diffusion LM, trained with sepo.pretrain_loss (the prompt block is never noised)."""
-    torch.manual_seed(1000 * cfg.seed)
+    torch.manual_seed(cfg.stream_seed)
     graph, noise, model = make_diffusion(cfg, data.tok.get_vocab_size(), device)
     X = data.lm_train.to(device)
     train_loop("pretrain", model, lambda i, g: sepo.pretrain_loss(model, graph, noise, X[i], cfg.prompt_len, g), len(X),
                cfg.pretrain_steps, cfg.pretrain_batch, cfg.pretrain_lr, os.path.join(cfg.out, "pretrain.pt"),
-               keys(cfg, LM_KEYS, data), 1000 * cfg.seed, every=200)
+               keys(cfg, LM_KEYS, data), cfg.stream_seed, every=200)
     save_atomic(data.tok.to_str(), os.path.join(cfg.out, "tokenizer.json"))  # only now: pretrain.pt accepted its hash
     return graph, noise, model.eval().requires_grad_(False)
 
@@ -299,21 +303,21 @@ def train_reward_model(cfg: Config, data: TextData, graph, noise, pre: nn.Module
     if pp is None and cfg.policy_pairs > 0:
         tic = time.perf_counter()
         pp = {"settings": settings,
-              "train": policy_pairs(cfg, data, graph, noise, pre, data.train_prompts, 1000 * cfg.seed + 10),
-              "test": policy_pairs(cfg, data, graph, noise, pre, data.test_prompts, 1000 * cfg.seed + 20)}
+              "train": policy_pairs(cfg, data, graph, noise, pre, data.train_prompts, cfg.stream_seed + 10),
+              "test": policy_pairs(cfg, data, graph, noise, pre, data.test_prompts, cfg.stream_seed + 20)}
         save_atomic(pp, os.path.join(cfg.out, f"policy_pairs_{tag}.pt"))
         print(f"[reward] {len(pp['train'][0])} gold-labelled pairs of pre-trained LM responses "
               f"({len(pp['test'][0])} on held-out prompts) {time.perf_counter() - tic:.0f}s", flush=True)
     (c, r), tests = data.rm_train, {"data": data.rm_test}
     if pp is not None:
         c, r, tests["samples"] = torch.cat([c, pp["train"][0]]), torch.cat([r, pp["train"][1]]), pp["test"]
-    torch.manual_seed(1000 * cfg.seed + 1)
+    torch.manual_seed(cfg.stream_seed + 1)
     rm = RewardModel(data.tok.get_vocab_size(), cfg.prompt_len + cfg.response_len, cfg.rm_d_model, cfg.rm_layers,
                      cfg.rm_heads).to(device)
     c, r = c.to(device), r.to(device)
     info = train_loop("reward", rm, lambda i, g: -F.logsigmoid(rm(c[i]) - rm(r[i])).mean(), len(c),
                       max(1, round(cfg.rm_epochs * len(c) / cfg.rm_batch)), cfg.rm_batch, cfg.rm_lr,
-                      os.path.join(cfg.out, f"reward_model_{tag}.pt"), settings, 1000 * cfg.seed + 1,
+                      os.path.join(cfg.out, f"reward_model_{tag}.pt"), settings, cfg.stream_seed + 1,
                       val_fn=lambda: {f"accuracy_{k}": pair_accuracy(rm.eval().reward(a.to(device)), rm.reward(b.to(device)))
                                       for k, (a, b) in tests.items()})
     return rm.eval().requires_grad_(False), info
@@ -322,7 +326,7 @@ def train_reward_model(cfg: Config, data: TextData, graph, noise, pre: nn.Module
 def sepo_config(cfg: Config) -> sepo.SEPOConfig:
     return sepo.SEPOConfig(lr=cfg.lr, batch_size=cfg.batch, group_size=cfg.group, epochs=cfg.epochs, clip_eps=cfg.clip_eps,
                            kl_coef=cfg.kl_coef, kl_steps=min(cfg.kl_steps, cfg.steps), snis_samples=cfg.snis, steps=cfg.steps,
-                           corrector_steps=cfg.corrector_steps, advantage="ppo", baseline=cfg.baseline, seed=1000 * cfg.seed,
+                           corrector_steps=cfg.corrector_steps, advantage="ppo", baseline=cfg.baseline, seed=cfg.stream_seed,
                            pl_positions=cfg.pl_positions, t_eval=cfg.t_eval or None, grad=cfg.grad, ratio=cfg.ratio,
                            path_steps=cfg.path_steps or None, micro_batch=cfg.micro_batch or None, amp=cfg.amp)
 
@@ -361,10 +365,10 @@ def evaluate(cfg: Config, data: TextData, graph, noise, pre: nn.Module, ft: nn.M
     the reference every row is judged against; a second pre-trained draw shows the win rate of no change."""
     prompts = data.test_prompts[: cfg.eval_prompts]
     many, P, k = prompts.repeat_interleave(cfg.eval_samples, 0), cfg.prompt_len, cfg.eval_samples
-    ref = [gold_score(t) for t in decode(data.tok, generate(cfg, pre, graph, noise, many, 1000 * cfg.seed + 100)[:, P:])]
+    ref = [gold_score(t) for t in decode(data.tok, generate(cfg, pre, graph, noise, many, cfg.stream_seed + 100)[:, P:])]
     real = torch.cat([prompts, encode_responses(data.tok, data.test_replies[: len(prompts)], cfg.response_len)], 1)
-    draws = {"pre-trained": generate(cfg, pre, graph, noise, many, 1000 * cfg.seed + 200),
-             f"SEPO ({cfg.steps} steps)": generate(cfg, ft, graph, noise, many, 1000 * cfg.seed + 100),  # paired with ref
+    draws = {"pre-trained": generate(cfg, pre, graph, noise, many, cfg.stream_seed + 200),
+             f"SEPO ({cfg.steps} steps)": generate(cfg, ft, graph, noise, many, cfg.stream_seed + 100),  # paired with ref
              "chosen replies (data)": real}
     rows, device = [], next(pre.parameters()).device
     for name, x in draws.items():
@@ -372,12 +376,12 @@ def evaluate(cfg: Config, data: TextData, graph, noise, pre: nn.Module, ft: nn.M
         gold = np.array([gold_score(t) for t in text])
         versus = np.array(ref).reshape(len(prompts), k)[:, :per].reshape(-1)
         per_prompt = (np.sign(gold - versus) / 2 + 0.5).reshape(len(prompts), -1).mean(1)  # ties count 1/2
-        g = torch.Generator(device).manual_seed(1000 * cfg.seed + 300)
+        g = torch.Generator(device).manual_seed(cfg.stream_seed + 300)
         ll = sepo.elbo(pre, graph, noise, x.to(device), cfg.elbo_t, P, g, batch_size=64)
         nll = float(-ll.mean()) / cfg.response_len
         rows.append({"model": name, "n": len(text), "rm_score": float(rm.reward(x.to(device)).mean()),
                      "gold_mean": float(gold.mean()), "gold_win": float(per_prompt.mean()),
-                     "gold_win_ci": bootstrap_ci(per_prompt, seed=1000 * cfg.seed), "nll_per_token": nll,
+                     "gold_win_ci": bootstrap_ci(per_prompt, seed=cfg.stream_seed), "nll_per_token": nll,
                      "perplexity": math.exp(min(nll, 50.0)), **{f"distinct_{n}": distinct_n(text, n, per) for n in (1, 2)}})
     texts = [decode(data.tok, x[::k, P:]) for x in (draws["pre-trained"], draws[f"SEPO ({cfg.steps} steps)"])]
     prompt_texts = [data.tok.decode([i for i in row.tolist() if i != PAD], skip_special_tokens=False) for row in prompts]
@@ -414,7 +418,7 @@ def report(cfg: Config, rows: list, examples: list, history: list, info: dict, s
 def bench(cfg: Config, device: torch.device) -> dict:
     """Time one SEPO iteration at these settings with an untrained diffusion LM and reward model (random
     prompts); peak GPU memory on CUDA."""
-    torch.manual_seed(1000 * cfg.seed)
+    torch.manual_seed(cfg.stream_seed)
     graph, noise, model = make_diffusion(cfg, cfg.vocab, device)
     rm = RewardModel(cfg.vocab, cfg.prompt_len + cfg.response_len, cfg.rm_d_model, cfg.rm_layers, cfg.rm_heads).to(device)
     prompts = torch.randint(3, cfg.vocab, (256, cfg.prompt_len), device=device)
@@ -440,7 +444,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         return bench(cfg, device)
     os.makedirs(cfg.out, exist_ok=True)
     tic, stamps = time.perf_counter(), {}
-    data = prepare_data(cfg.data or DEFAULT_PAIRS, cfg.vocab, cfg.prompt_len, cfg.response_len, 1000 * cfg.seed,
+    data = prepare_data(cfg.data or DEFAULT_PAIRS, cfg.vocab, cfg.prompt_len, cfg.response_len, cfg.stream_seed,
                         cfg.max_pairs or None, cfg.long_prompts)
     print(f"[data] {json.dumps(data.info)}")
     graph, noise, pre = pretrain(cfg, data, device)

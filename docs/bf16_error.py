@@ -29,7 +29,7 @@ def main(argv: list[str]) -> dict:
     opts, rest = p.parse_known_args(argv)
     cfg = T.parse_args(rest)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
-    torch.manual_seed(1000 * cfg.seed)  # as train_dna.bench
+    torch.manual_seed(cfg.stream_seed)  # as train_dna.bench
     model = T.DilatedCNNDenoiser(cfg.hidden, cfg.stacks)
     oracle = T.EnformerOracle(4, cfg.oracle_dim, cfg.oracle_depth, cfg.oracle_heads, cfg.oracle_downsamples)
     for m, name in ((model, "pretrain.pt"), (oracle, "ft_oracle.pt")):
@@ -46,7 +46,7 @@ def main(argv: list[str]) -> dict:
     old = copy.deepcopy(trainer.model)
     trainer.cfg.epochs = 1  # one Adam step: the step between the weights whose ratio epoch 2 clips
     trainer.step()
-    x = T.draw(cfg, old, cfg.batch * cfg.group, 0, 1000 * cfg.seed).to(device)  # samples of pi_old, as in training
+    x = T.draw(cfg, old, cfg.batch * cfg.group, 0, cfg.stream_seed).to(device)  # samples of pi_old, as in training
     paths = graph.sample_path(x.repeat_interleave(cfg.snis, 0), noise(sepo.time_grid(cfg.steps, device))[0])
     logq, log_r, lp = sepo.forward_path_log_prob(graph, noise, paths).view(-1, cfg.snis), {}, {}
     for name in ("fp32", "bf16"):
