@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, NamedTuple, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -488,8 +489,7 @@ def log_pi_surrogate(model, graph: Graph, noise, x: Tensor, t_eval: float, n_fix
     free = L - n_fixed
     if B == 0 or free == 0:
         return x.new_zeros(B, dtype=torch.get_default_dtype())
-    t = torch.full((B,), t_eval, device=x.device, dtype=torch.get_default_dtype())
-    sigmabar = noise(t)[0]
+    sigmabar = noise(torch.full((B,), t_eval, device=x.device, dtype=torch.get_default_dtype()))[0]
     if isinstance(graph, Masked):
         pos = pl_positions(B, free, positions, n_fixed, generator, x.device) if pos is None else pos
         P = pos.shape[1]
@@ -646,6 +646,8 @@ def check_reward(reward, batch: int) -> Tensor:
 
 
 # === 6. The trainer: Algorithm 1 (roll out pi_old, reward, advantages, K clipped epochs, KL). ====
+# Under torch.distributed (e.g. torchrun), each rank rolls out and scores its own groups; the ranks share
+# only the gathered per-sample statistics and the averaged gradient (docs/design.md). Alone, these are no-ops.
 
 
 @dataclass
@@ -657,7 +659,9 @@ class SEPOConfig:
     group_size: int = 8          # G samples per group; batch_size * group_size sequences per iteration
     epochs: int = 2              # K gradient steps on each batch
     clip_eps: float = 0.2        # eps of the clipped objective
-    kl_coef: float = 0.05        # alpha
+    kl_coef: float = 0.05        # alpha; with kl_target, its value while the KL is within the budget
+    kl_target: Optional[float] = None  # a KL budget: alpha = kl_coef + lambda holds the path KL at or below it (math §7)
+    kl_gain: float = 0.5         # kl_target: lambda += kl_gain * min(KL / kl_target - 1, 1) per iteration, lambda >= 0
     kl_steps: int = 10           # path KL over the last kl_steps sampler steps
     snis_samples: int = 4        # M latent paths per sample (SNIS ratio, grad="path")
     steps: int = 128             # T sampler steps
@@ -691,6 +695,9 @@ class SEPOConfig:
         for name, ok, rule in (("kl_steps", 0 <= self.kl_steps <= self.steps, f"in [0, steps={self.steps}]"),
                                ("clip_eps", self.clip_eps > 0, "> 0"), ("max_grad_norm", self.max_grad_norm > 0, "> 0"),
                                ("lr", self.lr >= 0, ">= 0"), ("kl_coef", self.kl_coef >= 0, ">= 0"),
+                               ("kl_target", self.kl_target is None or 0 < self.kl_target < math.inf, "None or > 0"),
+                               ("kl_gain", 0 < self.kl_gain < math.inf, "> 0"),
+                               ("kl_steps", self.kl_target is None or self.kl_steps > 0, ">= 1 with kl_target"),
                                ("t_eval", self.t_eval is None or 0 < self.t_eval <= 1, "in (0, 1]"),
                                ("baseline_momentum", 0 <= self.baseline_momentum <= 1, "in [0, 1]")):
             if not ok:
@@ -714,24 +721,38 @@ class SEPO:
         self.model, self.graph, self.noise = model.eval(), graph, noise  # eval: no dropout, so r = 1 at epoch 0
         self.reward_fn, self.length, self.prompt_fn = reward_fn, length, prompt_fn
         self.ref_model = copy.deepcopy(ref_model if ref_model is not None else model).eval().requires_grad_(False)
-        self.opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-        self.device = _device(model)
-        self.gen = torch.Generator(self.device).manual_seed(cfg.seed)
-        self.prompt_gen = torch.Generator().manual_seed(cfg.seed)
-        self.iteration, self.running_baseline = 0, None  # running_baseline: ppo "running" mean
+        self.opt, self.device = torch.optim.Adam(model.parameters(), lr=cfg.lr), _device(model)
+        on = dist.is_available() and dist.is_initialized()  # torch.distributed, e.g. under torchrun
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
+        seed = cfg.seed + 10 ** 9 * self.rank  # every rank its own streams; rank 0 (and a process alone) cfg.seed's
+        self.gen, self.prompt_gen = torch.Generator(self.device).manual_seed(seed), torch.Generator().manual_seed(seed)
+        self.iteration, self.running_baseline, self.kl_coef = 0, None, cfg.kl_coef  # ppo "running" mean; alpha in use
+        for t in itertools.chain(model.state_dict().values(), self.ref_model.state_dict().values()) if self.world > 1 else ():
+            dist.broadcast(t, 0)  # every rank starts from rank 0's weights, as DDP does
+
+    def _all_ranks(self, obj) -> list:
+        """[obj of rank 0, obj of rank 1, ...] ([obj] alone): each rank's random streams, its statistics."""
+        objs = [obj] * self.world
+        if self.world > 1:
+            dist.all_gather_object(objs, obj)
+        return objs
+
+    def _gather(self, x: Tensor) -> Tensor:
+        """x [..., B] of every rank, concatenated in rank order [..., world * B]: the global batch (x alone)."""
+        return torch.cat([part.to(x.device) for part in self._all_ranks(x.cpu())], -1)
 
     def _advantages(self, reward: Tensor) -> Tensor:
         cfg = self.cfg
         if cfg.advantage == "grpo":
-            return grpo_advantages(reward, cfg.group_size)
-        baseline = None
+            return grpo_advantages(reward, cfg.group_size)  # a group never spans ranks
+        reward, baseline = self._gather(reward), None  # the batch and running baselines and whitening: every rank's
         if cfg.baseline == "group":  # Monte-Carlo value of the group's prompt; A = R - V(prompt)
             baseline = _mean(reward.view(-1, cfg.group_size), 1).repeat_interleave(cfg.group_size)
         elif cfg.baseline == "running":
             m, mean = cfg.baseline_momentum, _mean(reward, 0).item()
             baseline = self.running_baseline if self.running_baseline is not None else mean
             self.running_baseline = baseline + (1 - m) * (mean - baseline)  # stays put on a constant reward
-        return ppo_advantages(reward, baseline, cfg.normalize_adv)
+        return ppo_advantages(reward, baseline, cfg.normalize_adv).view(self.world, -1)[self.rank]
 
     def _prefix(self) -> Optional[Tensor]:
         if self.prompt_fn is None:
@@ -749,8 +770,7 @@ class SEPO:
     def step(self) -> dict:
         """One iteration of Algorithm 1; returns its statistics."""
         cfg, model, graph, noise = self.cfg, self.model, self.graph, self.noise
-        B, M = cfg.batch_size * cfg.group_size, cfg.snis_samples
-        tic = time.perf_counter()
+        B, M, tic = cfg.batch_size * cfg.group_size, cfg.snis_samples, time.perf_counter()  # B: this rank's samples
         if cfg.kl_reference == "previous":
             self.ref_model.load_state_dict(model.state_dict())
 
@@ -763,8 +783,7 @@ class SEPO:
                            keep_last=cfg.kl_steps, record="rollout" in (cfg.grad, cfg.ratio))
         x = roll.x
         reward = check_reward(self.reward_fn(x.clone()), B).to(self.device)  # a clone: reward_fn may edit it
-        adv = self._advantages(reward)
-        t_sample = time.perf_counter() - tic
+        adv, t_sample = self._advantages(reward), time.perf_counter() - tic
 
         # 2. M latent paths from the forward process (math §5), shared by old and new (common random
         #    numbers): for the SNIS ratio of the epochs after the first, and for grad="path".
@@ -798,19 +817,27 @@ class SEPO:
                     psi = psi_fn(j)
                     kl = path_kl(model, self.ref_model, graph, noise, roll.states[j], cfg.steps, n_fixed,
                                  cfg.chunk_size)
-                part = (cfg.kl_coef * kl.sum() - (coef[j] * psi).sum()) / B
+                part = (self.kl_coef * kl.sum() - (coef[j] * psi).sum()) / B
                 part.backward()
                 loss, kls = loss + part.item(), kls + [kl.detach()]
+            for p in [p for p in model.parameters() if p.requires_grad] if self.world > 1 else []:
+                p.grad = torch.zeros_like(p) if p.grad is None else p.grad  # the mean over ranks, as DDP: the
+                dist.all_reduce(p.grad)                                     # union batch's gradient
+                p.grad /= self.world
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             self.opt.step()
 
+        reward, kl, clip, log_ratio = self._gather(torch.stack([reward, torch.cat(kls), clipped.to(reward), log_ratio]))
+        ratio, kl_coef = log_ratio.exp(), self.kl_coef
+        if cfg.kl_target is not None:  # KL <= kl_target: projected dual ascent on its multiplier (math §7)
+            lam = self.kl_coef - cfg.kl_coef + cfg.kl_gain * min(kl.mean().item() / cfg.kl_target - 1, 1.0)
+            self.kl_coef = cfg.kl_coef + max(lam, 0.0)
         self.iteration += 1
-        ratio, kl = log_ratio.exp(), torch.cat(kls)
         return {"iteration": self.iteration, "reward_mean": reward.mean().item(),
-                "reward_std": reward.std(unbiased=False).item(), "kl": kl.mean().item(),
-                "clip_frac": clipped.float().mean().item(), "loss": loss, "ratio_mean": ratio.mean().item(),
-                "ratio_max": ratio.max().item(), "ratio_min": ratio.min().item(), "grad_norm": float(grad_norm),
-                "time_sample": t_sample, "time": time.perf_counter() - tic}
+                "reward_std": reward.std(unbiased=False).item(), "kl": kl.mean().item(), "kl_coef": kl_coef,
+                "clip_frac": clip.mean().item(), "loss": sum(self._all_ranks(loss)) / self.world,
+                "ratio_mean": ratio.mean().item(), "ratio_max": ratio.max().item(), "ratio_min": ratio.min().item(),
+                "grad_norm": float(grad_norm), "time_sample": t_sample, "time": time.perf_counter() - tic}
 
     def _surrogate(self, x: Tensor, roll: Rollout, paths, logp, logq, n_fixed: int) -> Callable[[slice], Tensor]:
         """psi restricted to a slice of the batch, grad psi_b estimating grad log pi_theta(x_b) (math §3-4).
@@ -837,14 +864,17 @@ class SEPO:
         return psi
 
     def state_dict(self) -> dict:
-        """All an exact resume needs. Its tensors are live, as nn.Module's: save it before the next step()."""
+        """All an exact resume needs. Its tensors are live, as nn.Module's: save it before the next step().
+        Under a process group every rank must call it (it gathers each rank's random streams); rank 0 saves."""
         return {"model": self.model.state_dict(), "ref_model": self.ref_model.state_dict(),
-                "optimizer": self.opt.state_dict(), "iteration": self.iteration,
-                "running_baseline": self.running_baseline, "gen": self.gen.get_state(),
-                "prompt_gen": self.prompt_gen.get_state(), "cfg": asdict(self.cfg)}
+                "optimizer": self.opt.state_dict(), "iteration": self.iteration, "kl_coef": self.kl_coef,
+                "running_baseline": self.running_baseline, "cfg": asdict(self.cfg),
+                "generators": self._all_ranks((self.gen.get_state(), self.prompt_gen.get_state()))}
 
     def load_state_dict(self, sd: dict) -> None:
+        if len(sd["generators"]) != self.world:
+            raise ValueError(f"the state is of {len(sd['generators'])} ranks: resume it on as many, not {self.world}")
         for key, obj in (("model", self.model), ("ref_model", self.ref_model), ("optimizer", self.opt)):
             obj.load_state_dict(sd[key])
-        self.iteration, self.running_baseline = sd["iteration"], sd["running_baseline"]
-        self.gen.set_state(sd["gen"]), self.prompt_gen.set_state(sd["prompt_gen"])
+        self.iteration, self.running_baseline, self.kl_coef = sd["iteration"], sd["running_baseline"], sd["kl_coef"]
+        self.gen.set_state(sd["generators"][self.rank][0]), self.prompt_gen.set_state(sd["generators"][self.rank][1])

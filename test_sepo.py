@@ -389,11 +389,8 @@ def test_prompts_are_shared_by_a_group_and_kept():
     assert stats["kl"] == 0.0
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", GRAPHS)
-@pytest.mark.parametrize("grad,ratio", [("pl", "snis"), ("path", "rollout"), ("rollout", "rollout")])
-def test_fine_tuning_raises_the_reward(name, grad, ratio):
-    """End to end: pre-train on uniform random tokens, then SEPO towards more 3s, with each estimator."""
+def pretrained(name: str):
+    """A tiny model pre-trained on uniform random tokens of length 6: the start of the end-to-end tests."""
     torch.manual_seed(0)
     graph, noise, model = make(name, length=6)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -403,6 +400,15 @@ def test_fine_tuning_raises_the_reward(name, grad, ratio):
         opt.zero_grad()
         loss.backward()
         opt.step()
+    return graph, noise, model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", GRAPHS)
+@pytest.mark.parametrize("grad,ratio", [("pl", "snis"), ("path", "rollout"), ("rollout", "rollout")])
+def test_fine_tuning_raises_the_reward(name, grad, ratio):
+    """End to end: pre-train on uniform random tokens, then SEPO towards more 3s, with each estimator."""
+    graph, noise, model = pretrained(name)
     cfg = small_cfg(batch_size=4, group_size=8, lr=1e-2, kl_coef=0.01, steps=16, kl_steps=4, grad=grad, ratio=ratio)
     trainer = sepo.SEPO(model, graph, noise, count_threes, 6, cfg)
     before = count_threes(sepo.sample(model, graph, noise, 512, 6, steps=16)).mean().item()
@@ -728,3 +734,58 @@ def test_subsampled_transitions_are_unbiased(steps, float64):
     est = torch.stack(draws).mean(0)
     exact = (f * active).sum(1)
     assert (est - exact).abs().max() < (0.1 if steps else 1e-12)
+
+
+# --- the KL budget (kl_target): projected dual ascent on the multiplier of KL <= kl_target -------------
+
+
+def test_kl_budget_settings_are_validated():
+    for kw, msg in [(dict(kl_target=-0.1), "kl_target must be None or > 0"), (dict(kl_target=0.0), "kl_target"),
+                    (dict(kl_target=float("nan")), "kl_target"), (dict(kl_target=float("inf")), "kl_target"),
+                    (dict(kl_target=1.0, kl_gain=0.0), "kl_gain must be > 0"),
+                    (dict(kl_target=1.0, kl_gain=float("nan")), "kl_gain"),
+                    (dict(kl_target=1.0, kl_steps=0), "kl_steps must be >= 1 with kl_target")]:
+        with pytest.raises(ValueError, match=msg):
+            sepo.SEPOConfig(**kw)
+
+
+def test_the_kl_weight_follows_the_dual_step_and_resumes_exactly():
+    """alpha_t = kl_coef + lambda_t, lambda_{t+1} = max(0, lambda_t + gain * min(KL_t / target - 1, 1)): checked
+    against the reported KL of each iteration; a copy of the state resumes with the adapted weight."""
+    graph, noise, model = make("masked")
+    cfg = small_cfg(kl_coef=0.05, kl_target=0.01, kl_gain=0.3, lr=3e-3)
+    trainer = sepo.SEPO(model, graph, noise, count_threes, 6, cfg)
+    lam, seen = 0.0, []
+    for it in range(6):
+        s = trainer.step()
+        assert s["kl_coef"] == pytest.approx(0.05 + lam, abs=1e-12)
+        lam = max(0.0, lam + 0.3 * min(s["kl"] / 0.01 - 1, 1.0))
+        seen.append(lam)
+        if it == 3:
+            saved = copy.deepcopy(trainer.state_dict())
+    assert min(seen) == 0.0 < max(seen)  # the multiplier was both projected at 0 and active
+    expected = trainer.step()
+    _, _, fresh = make("masked", seed=123)
+    again = sepo.SEPO(fresh, graph, noise, count_threes, 6, cfg)
+    again.load_state_dict(saved)
+    again.step(), again.step()
+    got = again.step()
+    assert got["kl_coef"] == expected["kl_coef"] and got["kl"] == expected["kl"]
+    assert all(torch.equal(a, b) for a, b in zip(trainer.model.parameters(), again.model.parameters()))
+
+
+@pytest.mark.slow
+def test_a_kl_budget_holds_the_path_kl_near_it_and_a_larger_one_buys_more_reward():
+    """From the same pre-trained model, budgets 0.05 and 0.2 nats: after warm-up (the last 50 of 150
+    iterations) the mean path KL is within [0.7, 1.5] x its budget, and the larger budget has the higher reward."""
+    graph, noise, model = pretrained("masked")
+    kl, reward = {}, {}
+    for target in (0.05, 0.2):
+        cfg = small_cfg(batch_size=4, group_size=8, lr=3e-4, kl_coef=0.1, steps=16, kl_steps=16, kl_target=target,
+                        kl_gain=0.5)
+        trainer = sepo.SEPO(copy.deepcopy(model), graph, noise, count_threes, 6, cfg)
+        stats = [trainer.step() for _ in range(150)][-50:]
+        kl[target] = sum(s["kl"] for s in stats) / 50
+        reward[target] = sum(s["reward_mean"] for s in stats) / 50
+        assert 0.7 * target <= kl[target] <= 1.5 * target, (target, kl[target])
+    assert reward[0.2] > reward[0.05], reward

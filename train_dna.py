@@ -14,15 +14,18 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import datetime
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -70,6 +73,8 @@ class Config:
     epochs: int = arg(2, "K gradient steps per iteration")
     clip_eps: float = arg(0.2, "clipping eps of the objective")
     kl_coef: float = arg(0.2, "alpha, weight of the path KL to the pre-trained model")
+    kl_target: float = arg(0.0, "a KL budget: alpha = --kl-coef + lambda, lambda >= 0 holds the path KL at or below it")
+    kl_gain: float = arg(0.5, "--kl-target: lambda += kl_gain * min(KL / target - 1, 1) per iteration (docs/math.md §7)")
     kl_steps: int = arg(16, "the path KL covers the last kl_steps sampler steps (capped at --steps)")
     snis: int = arg(2, "M latent paths per sample (SNIS ratio, --grad path)")
     steps: int = arg(16, "sampler steps (rollouts and evaluation)")
@@ -104,7 +109,7 @@ PRESETS = {
 }
 POSITIVE = ("hidden", "stacks", "pretrain_steps", "pretrain_batch", "pretrain_lr", "oracle_dim", "oracle_heads",
             "oracle_downsamples", "oracle_epochs", "oracle_batch", "oracle_lr", "access_epochs", "ckpt_every", "n_eval",
-            "bon_max", "elbo_t")
+            "bon_max", "elbo_t", "kl_gain")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> Config:
@@ -119,6 +124,8 @@ def parse_args(argv: Optional[list[str]] = None) -> Config:
     for k, v in dataclasses.asdict(cfg).items():  # fail now, not after pre-training; `not >=` also catches NaN
         if isinstance(v, (int, float)) and not (v > 0 if k in POSITIVE else v >= 0):
             raise ValueError(f"--{k.replace('_', '-')} must be {'> 0' if k in POSITIVE else '>= 0'}, got {v}")
+    if cfg.batch % WORLD:
+        raise ValueError(f"--batch {cfg.batch} is the groups of all {WORLD} processes together: make it divisible by {WORLD}")
     return cfg
 
 
@@ -158,6 +165,10 @@ class EnformerOracle(nn.Module):
                                            num_downsamples=downsamples, dim_divisible_by=dim // 4, target_length=-1,
                                            output_heads=dict(human=1), dropout_rate=0.1, attn_dropout=0.05, pos_dropout=0.01)
         self.head = nn.Linear(2 * dim, n_out)
+        for parent in list(self.modules()):  # under torchrun enformer-pytorch picks SyncBatchNorm; an oracle is one rank's
+            for name, m in parent.named_children():
+                if isinstance(m, nn.SyncBatchNorm):
+                    setattr(parent, name, nn.BatchNorm1d(m.num_features, m.eps, m.momentum))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.trunk(F.one_hot(x, 4).float(), return_only_embeddings=True).mean(1))
@@ -184,8 +195,37 @@ def predict(model: nn.Module, x: Tensor, batch: int = 512) -> Tensor:
 
 
 # ---------------------------------------------------------------------------- stages: cached, resumable
+RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun; alone: 0, 1
+
+
+def setup(cfg: Config) -> torch.device:
+    """The device; under torchrun also the process group (NCCL on CUDA, one GPU per process; gloo on the CPU),
+    and rank 0 alone prints."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if WORLD > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=24))
+        sys.stdout = sys.stdout if RANK == 0 else open(os.devnull, "w")
+    return device
+
+
+def rank0_first(stage: Callable, *args):
+    """stage(*args) on rank 0, then on the other ranks, which load what it cached in --out: each model trains once."""
+    out = stage(*args) if RANK == 0 else None
+    if WORLD > 1:
+        dist.barrier()
+    return stage(*args) if RANK else out
+
+
 def save_atomic(obj, path: str) -> None:
-    """Text or torch.save to a temporary file, then os.replace: a crash never leaves a half-written file."""
+    """Text or torch.save to a temporary file, then os.replace: a crash never leaves a half-written file. Rank 0
+    alone writes (under torchrun every rank holds the same models; a SEPO state holds every rank's streams)."""
+    if RANK:
+        return
     Path(f"{path}.tmp").write_text(obj) if isinstance(obj, str) else torch.save(obj, f"{path}.tmp")
     os.replace(f"{path}.tmp", path)
 
@@ -305,9 +345,10 @@ def train_oracles(cfg: Config, train: DnaData, test: DnaData, device) -> tuple[d
 
 
 def sepo_config(cfg: Config, corrector_steps: int) -> sepo.SEPOConfig:
-    return sepo.SEPOConfig(lr=cfg.lr, batch_size=cfg.batch, group_size=cfg.group, epochs=cfg.epochs,
-                           clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef, kl_steps=min(cfg.kl_steps, cfg.steps),
-                           snis_samples=cfg.snis, steps=cfg.steps, corrector_steps=corrector_steps, advantage="grpo",
+    return sepo.SEPOConfig(lr=cfg.lr, batch_size=cfg.batch // WORLD, group_size=cfg.group, epochs=cfg.epochs,
+                           clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef, kl_target=cfg.kl_target or None,
+                           kl_gain=cfg.kl_gain, kl_steps=min(cfg.kl_steps, cfg.steps), snis_samples=cfg.snis, steps=cfg.steps,
+                           corrector_steps=corrector_steps, advantage="grpo",
                            pl_positions=cfg.pl_positions, grad=cfg.grad, ratio=cfg.ratio, path_steps=cfg.path_steps or None,
                            micro_batch=cfg.micro_batch or None, amp=cfg.amp, seed=cfg.stream_seed + 30 + corrector_steps)
 
@@ -322,7 +363,7 @@ def finetune(cfg: Config, train: DnaData, pretrained: nn.Module, reward_fn, corr
     # keyed on every setting of the stages it builds on (its reward, its probes' scorers): no stale run is reused
     path = os.path.join(cfg.out, f"{tag}.pt")
     settings = {**keys(cfg, train, *PRETRAIN_KEYS, *ORACLE_KEYS, *ACCESS_KEYS, "ckpt_every", "n_eval", "elbo_t"),
-                **dataclasses.asdict(scfg)}
+                **dataclasses.asdict(scfg), "world_size": WORLD}
     ck, history, probes = load_ckpt(path, settings), [], []
     if ck is not None:
         trainer.load_state_dict(ck["trainer"])
@@ -335,8 +376,9 @@ def finetune(cfg: Config, train: DnaData, pretrained: nn.Module, reward_fn, corr
     while len(history) < cfg.iters:
         s = trainer.step()
         history.append(s)
-        print(f"[{tag}] it {len(history)}/{cfg.iters} reward {s['reward_mean']:+.3f} (std {s['reward_std']:.2f}) "
-              f"kl {s['kl']:.4f} clip {s['clip_frac']:.2f} ratio {s['ratio_mean']:.3f} time {s['time']:.1f}s", flush=True)
+        print(f"[{tag}] it {len(history)}/{cfg.iters} reward {s['reward_mean']:+.3f} (std {s['reward_std']:.2f}) kl "
+              f"{s['kl']:.4f} (alpha {s['kl_coef']:.3g}) clip {s['clip_frac']:.2f} ratio {s['ratio_mean']:.3f} "
+              f"time {s['time']:.1f}s", flush=True)
         if len(history) % cfg.ckpt_every == 0 or len(history) == cfg.iters:
             probes.append({"iteration": len(history), **probe(trainer.model, corrector_steps)})
             save_atomic({"settings": settings, "trainer": trainer.state_dict(), "history": history, "probes": probes}, path)
@@ -436,9 +478,7 @@ def bench(cfg: Config, device: torch.device) -> dict:
 def main(argv: Optional[list[str]] = None) -> dict:
     cfg = parse_args(argv)
     sepo_config(cfg, cfg.corrector_steps)  # a bad SEPO setting fails now, not after pre-training
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    device = setup(cfg)
     if cfg.bench:
         return bench(cfg, device)
     os.makedirs(cfg.out, exist_ok=True)
@@ -446,17 +486,19 @@ def main(argv: Optional[list[str]] = None) -> dict:
     data = load_data(cfg.data)
     split = split_by_chromosome(data, cfg.test_chrom, cfg.val_chrom)
     print(f"[data] {len(data)} sequences ({data.kind}): " + ", ".join(f"{k} {len(v)}" for k, v in split.items()))
-    pretrained = pretrain(cfg, split["train"], split["val"], device)
+    pretrained = rank0_first(pretrain, cfg, split["train"], split["val"], device)
     stamps["pretrain"] = time.perf_counter() - tic
-    models, oracle_report = train_oracles(cfg, split["train"], split["test"], device)
+    models, oracle_report = rank0_first(train_oracles, cfg, split["train"], split["test"], device)
     stamps["oracles"] = time.perf_counter() - tic - sum(stamps.values())
     score = make_scorer(cfg, models, pretrained, split["train"])
     reward_fn = lambda x: hepg2_score(predict(models["ft_oracle"], x), data.kind).to(x.device)  # the only reward
-    probe = lambda m, gf: score(draw(cfg, m, cfg.n_eval, gf, cfg.stream_seed + 150))
+    probe = lambda m, gf: score(draw(cfg, m, cfg.n_eval, gf, cfg.stream_seed + 150)) if RANK == 0 else {}
     runs = {}  # name: (corrector steps, model, history, probes)
     for name, gf in [("SEPO", 0)] + ([("SEPO with GF", cfg.corrector_steps)] if cfg.corrector_steps else []):
         runs[name] = (gf, *finetune(cfg, split["train"], pretrained, reward_fn, gf, "sepo_gf" if gf else "sepo", probe))
     stamps["sepo"] = time.perf_counter() - tic - sum(stamps.values())
+    if RANK:  # the evaluation and the report are rank 0's
+        return {}
     results, bon = evaluate(cfg, score, pretrained, runs, models, split["test"])
     stamps["evaluation"] = time.perf_counter() - tic - sum(stamps.values())
     report(cfg, results, bon, runs, oracle_report, {**stamps, "total": time.perf_counter() - tic})
@@ -465,3 +507,5 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
 if __name__ == "__main__":
     main()
+    if dist.is_initialized():
+        dist.destroy_process_group()

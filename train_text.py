@@ -16,15 +16,18 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import datetime
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -75,6 +78,8 @@ class Config:
     epochs: int = arg(2, "K gradient steps per iteration")
     clip_eps: float = arg(0.2, "clipping eps of the objective")
     kl_coef: float = arg(0.1, "alpha, weight of the path KL to the pre-trained model")
+    kl_target: float = arg(0.0, "a KL budget: alpha = --kl-coef + lambda, lambda >= 0 holds the path KL at or below it")
+    kl_gain: float = arg(0.5, "--kl-target: lambda += kl_gain * min(KL / target - 1, 1) per iteration (docs/math.md §7)")
     kl_steps: int = arg(10, "the path KL covers the last kl_steps sampler steps (capped at --steps)")
     snis: int = arg(4, "M latent paths per sample (SNIS ratio, --grad path)")
     steps: int = arg(16, "sampler steps in rollouts and evaluation (the paper: 128 and 1024)")
@@ -92,6 +97,8 @@ class Config:
     eval_prompts: int = arg(128, "held-out prompts evaluated (at most all of them)")
     eval_samples: int = arg(8, "responses per held-out prompt and model")
     elbo_t: int = arg(8, "Monte-Carlo times per sequence for the perplexity (sepo.elbo)")
+    bon_max: int = arg(0, "best-of-N by the reward model: a row at SEPO's sampling budget, the curve N = 1, 2, 4, ... and "
+                          "bon_max (0: none)")
 
     @property
     def stream_seed(self) -> int:  # stage k draws from stream_seed + k, k < 1000: two seeds share no stream
@@ -112,7 +119,7 @@ PRESETS = {
 }
 POSITIVE = ("vocab", "prompt_len", "response_len", "d_model", "n_layers", "n_heads", "pretrain_steps", "pretrain_batch",
             "pretrain_lr", "rm_d_model", "rm_layers", "rm_heads", "rm_epochs", "rm_batch", "rm_lr", "ckpt_every",
-            "eval_prompts", "eval_samples", "elbo_t")
+            "eval_prompts", "eval_samples", "elbo_t", "kl_gain")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> Config:
@@ -127,6 +134,8 @@ def parse_args(argv: Optional[list[str]] = None) -> Config:
     for k, v in dataclasses.asdict(cfg).items():  # fail now, not after pre-training; `not >=` also catches NaN
         if isinstance(v, (int, float)) and not (v > 0 if k in POSITIVE else v >= 0):
             raise ValueError(f"--{k.replace('_', '-')} must be {'> 0' if k in POSITIVE else '>= 0'}, got {v}")
+    if cfg.batch % WORLD:
+        raise ValueError(f"--batch {cfg.batch} is the groups of all {WORLD} processes together: make it divisible by {WORLD}")
     if cfg.data and "policy_pairs" not in given:
         cfg.policy_pairs = 0  # a real preference file has real labels; the gold judge only evaluates
     return cfg
@@ -197,8 +206,37 @@ class RewardModel(nn.Module):
 
 
 # ---------------------------------------------------------------------------- stages: cached, resumable
+RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun; alone: 0, 1
+
+
+def setup(cfg: Config) -> torch.device:
+    """The device; under torchrun also the process group (NCCL on CUDA, one GPU per process; gloo on the CPU),
+    and rank 0 alone prints."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if WORLD > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=24))
+        sys.stdout = sys.stdout if RANK == 0 else open(os.devnull, "w")
+    return device
+
+
+def rank0_first(stage: Callable, *args):
+    """stage(*args) on rank 0, then on the other ranks, which load what it cached in --out: each model trains once."""
+    out = stage(*args) if RANK == 0 else None
+    if WORLD > 1:
+        dist.barrier()
+    return stage(*args) if RANK else out
+
+
 def save_atomic(obj, path: str) -> None:
-    """Text or torch.save to a temporary file, then os.replace: a crash never leaves a half-written file."""
+    """Text or torch.save to a temporary file, then os.replace: a crash never leaves a half-written file. Rank 0
+    alone writes (under torchrun every rank holds the same models; a SEPO state holds every rank's streams)."""
+    if RANK:
+        return
     Path(f"{path}.tmp").write_text(obj) if isinstance(obj, str) else torch.save(obj, f"{path}.tmp")
     os.replace(f"{path}.tmp", path)
 
@@ -324,8 +362,9 @@ def train_reward_model(cfg: Config, data: TextData, graph, noise, pre: nn.Module
 
 
 def sepo_config(cfg: Config) -> sepo.SEPOConfig:
-    return sepo.SEPOConfig(lr=cfg.lr, batch_size=cfg.batch, group_size=cfg.group, epochs=cfg.epochs, clip_eps=cfg.clip_eps,
-                           kl_coef=cfg.kl_coef, kl_steps=min(cfg.kl_steps, cfg.steps), snis_samples=cfg.snis, steps=cfg.steps,
+    return sepo.SEPOConfig(lr=cfg.lr, batch_size=cfg.batch // WORLD, group_size=cfg.group, epochs=cfg.epochs,
+                           clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef, kl_target=cfg.kl_target or None, kl_gain=cfg.kl_gain,
+                           kl_steps=min(cfg.kl_steps, cfg.steps), snis_samples=cfg.snis, steps=cfg.steps,
                            corrector_steps=cfg.corrector_steps, advantage="ppo", baseline=cfg.baseline, seed=cfg.stream_seed,
                            pl_positions=cfg.pl_positions, t_eval=cfg.t_eval or None, grad=cfg.grad, ratio=cfg.ratio,
                            path_steps=cfg.path_steps or None, micro_batch=cfg.micro_batch or None, amp=cfg.amp)
@@ -341,7 +380,7 @@ def finetune(cfg: Config, data: TextData, graph, noise, pre: nn.Module, rm: Rewa
                         cfg.prompt_len + cfg.response_len, scfg, ref_model=pre,
                         prompt_fn=lambda k, gen: pool[torch.randint(len(pool), (k,), generator=gen).to(device)])
     path = os.path.join(cfg.out, f"sepo_steps{cfg.steps}.pt")
-    settings = {**keys(cfg, RM_KEYS, data), **dataclasses.asdict(scfg)}
+    settings = {**keys(cfg, RM_KEYS, data), **dataclasses.asdict(scfg), "world_size": WORLD}
     ck, history = load_ckpt(path, settings), []
     if ck is not None:
         trainer.load_state_dict(ck["trainer"])
@@ -353,25 +392,36 @@ def finetune(cfg: Config, data: TextData, graph, noise, pre: nn.Module, rm: Rewa
         s = trainer.step()
         history.append(s)
         print(f"[sepo] iter {len(history)}/{cfg.iters} reward {s['reward_mean']:.3f}±{s['reward_std']:.3f} KL "
-              f"{s['kl']:.4f} clip {s['clip_frac']:.2f} ratio max {s['ratio_max']:.2f} {s['time']:.1f}s", flush=True)
+              f"{s['kl']:.4f} (alpha {s['kl_coef']:.3g}) clip {s['clip_frac']:.2f} ratio max {s['ratio_max']:.2f} "
+              f"{s['time']:.1f}s", flush=True)
         if len(history) % cfg.ckpt_every == 0 or len(history) == cfg.iters:
             save_atomic({"settings": settings, "trainer": trainer.state_dict(), "history": history}, path)
     return trainer.model.eval().requires_grad_(False), history
 
 
 # ---------------------------------------------------------------------------- evaluation and report
-def evaluate(cfg: Config, data: TextData, graph, noise, pre: nn.Module, ft: nn.Module, rm: RewardModel) -> tuple[list, list]:
+def evaluate(cfg: Config, data: TextData, graph, noise, pre: nn.Module, ft: nn.Module, rm: RewardModel
+             ) -> tuple[list, list, list]:
     """Stage 5, on held-out prompts: --eval-samples responses per prompt and model. A first pre-trained draw is
-    the reference every row is judged against; a second pre-trained draw shows the win rate of no change."""
-    prompts = data.test_prompts[: cfg.eval_prompts]
+    the reference every row is judged against; a second pre-trained draw shows the win rate of no change. With
+    --bon-max, best-of-N (N pre-trained responses per output, the reward model's favourite kept) from one pool:
+    a row at SEPO's sampling budget and the curve N = 1, 2, 4, ..., bon_max. -> (rows, curve, examples)"""
+    prompts, device = data.test_prompts[: cfg.eval_prompts], next(pre.parameters()).device
     many, P, k = prompts.repeat_interleave(cfg.eval_samples, 0), cfg.prompt_len, cfg.eval_samples
     ref = [gold_score(t) for t in decode(data.tok, generate(cfg, pre, graph, noise, many, cfg.stream_seed + 100)[:, P:])]
     real = torch.cat([prompts, encode_responses(data.tok, data.test_replies[: len(prompts)], cfg.response_len)], 1)
     draws = {"pre-trained": generate(cfg, pre, graph, noise, many, cfg.stream_seed + 200),
              f"SEPO ({cfg.steps} steps)": generate(cfg, ft, graph, noise, many, cfg.stream_seed + 100),  # paired with ref
              "chosen replies (data)": real}
-    rows, device = [], next(pre.parameters()).device
-    for name, x in draws.items():
+    if cfg.bon_max:
+        n_match = 1 + math.ceil(cfg.iters * cfg.batch * cfg.group / len(many))  # SEPO's sampling budget
+        n_pool = max(cfg.bon_max, n_match)
+        pool = generate(cfg, pre, graph, noise, many.repeat_interleave(n_pool, 0), cfg.stream_seed + 400)
+        score = rm.reward(pool).view(len(many), n_pool)
+        best = lambda n: pool.view(len(many), n_pool, -1)[torch.arange(len(many)), score[:, :n].argmax(1)]
+        draws[f"best-of-{n_match} (RM)"] = best(n_match)
+
+    def measure(name: str, x: Tensor) -> dict:
         text, per = decode(data.tok, x[:, P:]), len(x) // len(prompts)  # per: responses per prompt (1 or k)
         gold = np.array([gold_score(t) for t in text])
         versus = np.array(ref).reshape(len(prompts), k)[:, :per].reshape(-1)
@@ -379,16 +429,19 @@ def evaluate(cfg: Config, data: TextData, graph, noise, pre: nn.Module, ft: nn.M
         g = torch.Generator(device).manual_seed(cfg.stream_seed + 300)
         ll = sepo.elbo(pre, graph, noise, x.to(device), cfg.elbo_t, P, g, batch_size=64)
         nll = float(-ll.mean()) / cfg.response_len
-        rows.append({"model": name, "n": len(text), "rm_score": float(rm.reward(x.to(device)).mean()),
-                     "gold_mean": float(gold.mean()), "gold_win": float(per_prompt.mean()),
-                     "gold_win_ci": bootstrap_ci(per_prompt, seed=cfg.stream_seed), "nll_per_token": nll,
-                     "perplexity": math.exp(min(nll, 50.0)), **{f"distinct_{n}": distinct_n(text, n, per) for n in (1, 2)}})
+        return {"model": name, "n": len(text), "rm_score": float(rm.reward(x.to(device)).mean()),
+                "gold_mean": float(gold.mean()), "gold_win": float(per_prompt.mean()),
+                "gold_win_ci": bootstrap_ci(per_prompt, seed=cfg.stream_seed), "nll_per_token": nll,
+                "perplexity": math.exp(min(nll, 50.0)), **{f"distinct_{n}": distinct_n(text, n, per) for n in (1, 2)}}
+    rows = [measure(name, x) for name, x in draws.items()]
+    Ns = sorted({2 ** j for j in range(cfg.bon_max.bit_length())} | {cfg.bon_max}) if cfg.bon_max else []
+    curve = [{"N": n, **measure(f"best-of-{n} (RM)", best(n))} for n in Ns]
     texts = [decode(data.tok, x[::k, P:]) for x in (draws["pre-trained"], draws[f"SEPO ({cfg.steps} steps)"])]
     prompt_texts = [data.tok.decode([i for i in row.tolist() if i != PAD], skip_special_tokens=False) for row in prompts]
-    return rows, list(zip(prompt_texts, *texts))
+    return rows, curve, list(zip(prompt_texts, *texts))
 
 
-def report(cfg: Config, rows: list, examples: list, history: list, info: dict, stamps: dict) -> dict:
+def report(cfg: Config, rows: list, curve: list, examples: list, history: list, info: dict, stamps: dict) -> dict:
     head = ("| model | n | RM score | gold mean | gold win rate vs pre-trained [95% CI] | NLL/token (pre-trained) "
             "| perplexity | distinct-1 | distinct-2 |")
     lines = [head, "|---" * 9 + "|"] + [
@@ -400,7 +453,7 @@ def report(cfg: Config, rows: list, examples: list, history: list, info: dict, s
     table = "\n".join(lines)
     ex = "\n\n".join(f"PROMPT:      {p}\npre-trained: {a}\nSEPO:        {b}" for p, a, b in examples[:8])
     print("\n" + table + "\n\n" + ex)
-    result = {"rows": rows, "info": info, "stage_seconds": stamps, "config": dataclasses.asdict(cfg),
+    result = {"rows": rows, "best_of_n": curve, "info": info, "stage_seconds": stamps, "config": dataclasses.asdict(cfg),
               "history": history, "examples": [dict(zip(("prompt", "pretrained", "sepo"), e)) for e in examples]}
     tag = f"steps{cfg.steps}"
     for name, text in [(f"results_{tag}.md", table + "\n"), (f"examples_{tag}.txt", ex + "\n"),
@@ -437,9 +490,7 @@ def bench(cfg: Config, device: torch.device) -> dict:
 def main(argv: Optional[list[str]] = None) -> dict:
     cfg = parse_args(argv)
     sepo_config(cfg)  # a bad SEPO setting fails now, not after pre-training
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    device = setup(cfg)
     if cfg.bench:
         return bench(cfg, device)
     os.makedirs(cfg.out, exist_ok=True)
@@ -447,18 +498,23 @@ def main(argv: Optional[list[str]] = None) -> dict:
     data = prepare_data(cfg.data or DEFAULT_PAIRS, cfg.vocab, cfg.prompt_len, cfg.response_len, cfg.stream_seed,
                         cfg.max_pairs or None, cfg.long_prompts)
     print(f"[data] {json.dumps(data.info)}")
-    graph, noise, pre = pretrain(cfg, data, device)
+    graph, noise, pre = rank0_first(pretrain, cfg, data, device)
     stamps["pretrain"] = time.perf_counter() - tic
-    rm, info = train_reward_model(cfg, data, graph, noise, pre, device)
+    rm, info = rank0_first(train_reward_model, cfg, data, graph, noise, pre, device)
     stamps["reward"] = time.perf_counter() - tic - sum(stamps.values())
     ft, history = finetune(cfg, data, graph, noise, pre, rm)
     stamps["sepo"] = time.perf_counter() - tic - sum(stamps.values())
-    rows, examples = evaluate(cfg, data, graph, noise, pre, ft, rm)
+    if RANK:  # the evaluation and the report are rank 0's
+        return {}
+    rows, curve, examples = evaluate(cfg, data, graph, noise, pre, ft, rm)
     stamps["evaluation"] = time.perf_counter() - tic - sum(stamps.values())
     if device.type == "cuda":
         info["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
-    return report(cfg, rows, examples, history, {**info, "data": data.info}, {**stamps, "total": time.perf_counter() - tic})
+    return report(cfg, rows, curve, examples, history, {**info, "data": data.info},
+                  {**stamps, "total": time.perf_counter() - tic})
 
 
 if __name__ == "__main__":
     main()
+    if dist.is_initialized():
+        dist.destroy_process_group()

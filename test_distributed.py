@@ -1,0 +1,159 @@
+"""Data-parallel SEPO under torch.distributed: 2 CPU processes (gloo) against one process holding their union.
+
+    python -m pytest -q test_distributed.py
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import sepo
+from test_sepo import count_threes, float64, make, small_cfg, two_token_prompts  # noqa: F401 (a fixture)
+
+WORLD = 2
+CASES = {  # no random draw after the rollout (no SNIS paths, every pl position), so the union's draws are the ranks'
+    "grpo, uniform, pl": ("uniform", dict(grad="pl", ratio="rollout", micro_batch=3, kl_coef=0.1), False),
+    "ppo batch baseline, masked, pl": ("masked", dict(grad="pl", ratio="rollout", pl_positions=6, advantage="ppo",
+                                                      baseline="batch"), False),
+    "ppo running + whitened, masked, rollout, KL budget, prompts": (
+        "masked", dict(grad="rollout", ratio="rollout", advantage="ppo", baseline="running", normalize_adv=True,
+                       kl_coef=0.5, kl_target=1e-3, micro_batch=2), True),
+}
+STATS = ("reward_mean", "reward_std", "kl", "kl_coef", "clip_frac", "loss", "ratio_mean", "ratio_max", "ratio_min",
+         "grad_norm")
+
+
+def trainer_for(case: str, seed: int, batch_size: int = 2) -> sepo.SEPO:
+    name, kw, prompts = CASES[case]
+    graph, noise, model = make(name, seed=seed)
+    cfg = small_cfg(batch_size=batch_size, lr=1e-2, **kw)
+    return sepo.SEPO(model.double(), graph, noise, count_threes, 6, cfg, prompt_fn=two_token_prompts if prompts else None)
+
+
+def weights(trainer: sepo.SEPO) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+
+
+def _worker(rank: int, store: str, out: str, case: str, job: str) -> None:
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        rolls, real = [], sepo.rollout
+        sepo.rollout = lambda *a, **k: rolls.append(real(*a, **k)) or rolls[-1]  # record each rank's rollouts
+        trainer = trainer_for(case, seed=rank)  # rank 1 starts elsewhere: SEPO takes rank 0's weights
+        result = {"init": weights(trainer)}
+        if job == "union":
+            result["stats"] = [trainer.step() for _ in range(2)]
+        else:  # resume: a copy of the state after one step, loaded into a fresh trainer, gives the same next step
+            trainer.step()
+            state = copy.deepcopy(trainer.state_dict())
+            trainer.step()
+            again = trainer_for(case, seed=123)
+            again.load_state_dict(state)
+            again.step()
+            result["resumed"] = weights(again)
+        result.update(weights=weights(trainer), rolls=rolls)
+        torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(tmp_path, case: str, job: str) -> list[dict]:
+    mp.spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path), case, job), nprocs=WORLD)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES)
+def test_two_ranks_equal_one_process_holding_their_union(tmp_path, monkeypatch, case, float64):
+    """Advantages, the gradient average, the loss scaling, micro-batches, the KL weight and every statistic:
+    two ranks of 2 groups each take exactly the steps one process takes on the 4 groups of both."""
+    ranks = run_ranks(tmp_path, case, "union")
+    assert torch.equal(ranks[0]["init"], ranks[1]["init"])  # rank 0's weights everywhere
+    assert torch.equal(ranks[0]["weights"], ranks[1]["weights"])  # and the same update on every rank
+    assert not torch.equal(ranks[0]["rolls"][0].x, ranks[1]["rolls"][0].x)  # each rank its own samples
+    union = [sepo.Rollout(*(None if f[0] is None else torch.cat(f) for f in zip(*(r["rolls"][i] for r in ranks))))
+             for i in range(2)]
+    monkeypatch.setattr(sepo, "rollout", lambda *a, **k: union.pop(0))
+    one = trainer_for(case, seed=0, batch_size=2 * WORLD)
+    init = weights(one)
+    stats = [one.step() for _ in range(2)]
+    moved = (weights(one) - init).norm()
+    assert moved > 0 and (weights(one) - ranks[0]["weights"]).norm() <= 1e-6 * moved
+    for mine, theirs in zip(stats, ranks[0]["stats"]):
+        for key in STATS:  # a sum over ranks instead of the mean doubles grad_norm and loss
+            assert theirs[key] == pytest.approx(mine[key], rel=1e-6, abs=1e-12), key
+
+
+@pytest.mark.slow
+def test_a_two_rank_state_resumes_exactly_and_only_on_two_ranks(tmp_path, float64):
+    case = "ppo running + whitened, masked, rollout, KL budget, prompts"
+    ranks = run_ranks(tmp_path, case, "resume")
+    for r in ranks:  # each rank resumes its own random streams (rank 1 with rank 0's would sample other paths)
+        assert torch.equal(r["resumed"], r["weights"])
+    assert not torch.equal(ranks[0]["rolls"][1].x, ranks[1]["rolls"][1].x)
+    trainer = trainer_for(case, seed=0)  # a 2-rank state does not load into a process alone
+    state = {**trainer.state_dict(), "generators": [trainer.state_dict()["generators"][0]] * WORLD}
+    with pytest.raises(ValueError, match="state is of 2 ranks: resume it on as many, not 1"):
+        trainer.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------- the drivers under torchrun
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def torchrun(*argv: str) -> str:
+    """python -m torch.distributed.run --nproc_per_node 2 argv (gloo on the CPU); its output, or the failure's."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", *argv]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def driver_args(driver: str, tmp_path) -> list[str]:
+    if driver == "train_text":
+        from test_train_text import TINY
+        return TINY
+    import test_train_dna as TD
+    from data import dna as D
+    rows = [(f"chr{c}", i, D.CELL_TYPES[i % 4], float(i), "train", TD.rand_seq()) for c in (1, 2, 3, 4, 5, 6) for i in range(12)]
+    return ["--data", TD.write_encode(tmp_path / "toy.tsv.gz", rows), *TD.TOY, "--corrector-steps", "0"]  # one run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("driver", ["train_dna", "train_text"])
+def test_a_two_rank_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, driver):
+    """--batch is the global batch (2 groups per rank here); rank 0 alone prints and writes; a run stopped after one
+    iteration and continued under torchrun ends with the weights and history of one that never stopped."""
+    argv, ckpt = [*driver_args(driver, tmp_path), "--batch", "4"], "sepo.pt" if driver == "train_dna" else "sepo_steps4.pt"
+    log = torchrun(f"{driver}.py", *argv, "--out", str(tmp_path / "straight"), "--iters", "2")
+    assert log.count(" 1/2 reward") == 1  # one progress line per iteration: rank 0's
+    torchrun(f"{driver}.py", *argv, "--out", str(tmp_path / "resumed"), "--iters", "1")
+    torchrun(f"{driver}.py", *argv, "--out", str(tmp_path / "resumed"), "--iters", "2")
+    a, b = (torch.load(tmp_path / d / ckpt, weights_only=False) for d in ("straight", "resumed"))
+    assert a["settings"]["world_size"] == WORLD and a["settings"]["batch_size"] == 2  # groups per rank
+    assert len(a["trainer"]["generators"]) == WORLD  # every rank's streams, written by rank 0
+    assert all(torch.equal(v, b["trainer"]["model"][k]) for k, v in a["trainer"]["model"].items())
+    assert [h["reward_mean"] for h in a["history"]] == [h["reward_mean"] for h in b["history"]]
+    results = "results.json" if driver == "train_dna" else "results_steps4.json"
+    assert json.loads((tmp_path / "straight" / results).read_text())["config"]["batch"] == 4  # rank 0's report
+
+
+@pytest.mark.parametrize("driver", ["train_dna", "train_text"])
+def test_a_global_batch_not_divisible_by_the_processes_is_an_error_before_any_work(tmp_path, monkeypatch, driver):
+    module = __import__(driver)
+    monkeypatch.setattr(module, "WORLD", 2)  # as torchrun --nproc_per_node 2 sets it
+    with pytest.raises(ValueError, match="--batch 3 is the groups of all 2 processes together: make it divisible by 2"):
+        module.main(["--batch", "3", "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
