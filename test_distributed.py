@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import os
 import subprocess
@@ -17,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import sepo
-from test_sepo import count_threes, float64, make, small_cfg, two_token_prompts  # noqa: F401 (a fixture)
+from test_sepo import count_threes, make, small_cfg, two_token_prompts
 
 WORLD = 2
 CASES = {  # no random draw after the rollout (no SNIS paths, every pl position), so the union's draws are the ranks'
@@ -30,6 +29,14 @@ CASES = {  # no random draw after the rollout (no SNIS paths, every pl position)
 }
 STATS = ("reward_mean", "reward_std", "kl", "kl_coef", "clip_frac", "loss", "ratio_mean", "ratio_max", "ratio_min",
          "grad_norm")
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """float64 here, as in the ranks: the union is compared to 1e-6 (restored afterwards)."""
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
 
 
 def trainer_for(case: str, seed: int, batch_size: int = 2) -> sepo.SEPO:
@@ -75,7 +82,7 @@ def run_ranks(tmp_path, case: str, job: str) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
-def test_two_ranks_equal_one_process_holding_their_union(tmp_path, monkeypatch, case, float64):
+def test_two_ranks_equal_one_process_holding_their_union(tmp_path, monkeypatch, case):
     """Advantages, the gradient average, the loss scaling, micro-batches, the KL weight and every statistic:
     two ranks of 2 groups each take exactly the steps one process takes on the 4 groups of both."""
     ranks = run_ranks(tmp_path, case, "union")
@@ -96,7 +103,7 @@ def test_two_ranks_equal_one_process_holding_their_union(tmp_path, monkeypatch, 
 
 
 @pytest.mark.slow
-def test_a_two_rank_state_resumes_exactly_and_only_on_two_ranks(tmp_path, float64):
+def test_a_two_rank_state_resumes_exactly_and_only_on_two_ranks(tmp_path):
     case = "ppo running + whitened, masked, rollout, KL budget, prompts"
     ranks = run_ranks(tmp_path, case, "resume")
     for r in ranks:  # each rank resumes its own random streams (rank 1 with rank 0's would sample other paths)
@@ -127,7 +134,7 @@ def driver_args(driver: str, tmp_path) -> list[str]:
         return TINY
     import test_train_dna as TD
     from data import dna as D
-    rows = [(f"chr{c}", i, D.CELL_TYPES[i % 4], float(i), "train", TD.rand_seq()) for c in (1, 2, 3, 4, 5, 6) for i in range(12)]
+    rows = [(f"chr{c}", i, D.CELL_TYPES[i % 4], float(i), "train", TD.rand_seq()) for c in range(1, 7) for i in range(12)]
     return ["--data", TD.write_encode(tmp_path / "toy.tsv.gz", rows), *TD.TOY, "--corrector-steps", "0"]  # one run
 
 

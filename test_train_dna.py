@@ -341,6 +341,12 @@ def test_pipeline_smoke_cached_and_reproducible(tmp_path, toy_data, capsys):
             if k != "agreement" and any(m.endswith("auroc") and v < 0.6 for m, v in r.items())}
     log = capsys.readouterr().out
     assert {k for k in saved["oracles"] if f"WARNING: {k} is near chance" in log} == weak  # a warning per weak model
+    docs_script("frontier").main("dna", [str(tmp_path / "a")], out=str(tmp_path / "frontier.png"))
+    table = capsys.readouterr().out.splitlines()
+    sepo_row = next(l for l in table if l.startswith("| pl/snis | alpha 0.2 | 3 |"))  # budget 1 + ceil(2 * 2 * 2 / 6)
+    assert f"| {res['SEPO']['Pred-Activity']:.3f} | " in sepo_row and os.path.getsize(tmp_path / "frontier.png") > 1000
+    cells = [[c.strip() for c in l.strip("|").split("|")] for l in table if l.startswith("| best-of-")]
+    assert [c[2] for c in cells] == ["1", "2"] and cells[0][3] == "<= 0.00"  # N, its sampling budget; KL <= log N - ...
     # second run: every stage comes from the cache and the numbers are identical
     again = run(tmp_path / "a", toy_data, "--iters", "2")
     log = capsys.readouterr().out
@@ -540,3 +546,28 @@ def test_pipeline_on_a_gosai_csv(tmp_path):
     rep = json.loads((tmp_path / "g" / "results.json").read_text())["oracles"]
     assert "test_hepg2_pearson" in rep["ft_oracle"] and "test_hepg2_pearson" in rep["eval_oracle"]
     assert "predicted HepG2 MPRA activity" in (tmp_path / "g" / "results.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("driver", ["train_dna", "train_text"])
+def test_a_seeded_run_is_bit_identical_twice_and_resumed(tmp_path, toy_data, driver):
+    """One machine, one seed: a tiny run made twice in one process, and once stopped after its first SEPO
+    iteration and resumed, gives bit-identical SEPO weights, samples and table (docs/dna.md, docs/text.md)."""
+    module = importlib.import_module(driver)
+    if driver == "train_dna":
+        argv, ckpt, outputs = ["--data", toy_data, *TOY], "sepo.pt", ["samples_sepo.txt", "samples_pre-trained.txt"]
+    else:
+        from test_train_text import TINY
+        argv, ckpt, outputs = TINY, "sepo_steps4.pt", ["examples_steps4.txt"]
+    rows = {name: module.main([*argv, "--out", str(tmp_path / name), "--iters", iters])
+            for name, iters in (("a", "2"), ("b", "2"), ("c", "1"), ("c", "2"))}  # c: the resumed run's table
+    untimed = lambda history: [{k: v for k, v in h.items() if not k.startswith("time")} for h in history]
+    ref = torch.load(tmp_path / "a" / ckpt, weights_only=False)
+    for other in "bc":
+        got = torch.load(tmp_path / other / ckpt, weights_only=False)
+        assert all(torch.equal(v, got["trainer"]["model"][k]) for k, v in ref["trainer"]["model"].items()), other
+        assert untimed(got["history"]) == untimed(ref["history"])
+        assert (rows[other] if driver == "train_dna" else rows[other]["rows"]) == (
+            rows["a"] if driver == "train_dna" else rows["a"]["rows"])
+        for f in outputs:
+            assert (tmp_path / other / f).read_text() == (tmp_path / "a" / f).read_text(), (other, f)

@@ -304,6 +304,19 @@ def test_pipeline_smoke_and_resume(tmp_path, capsys):
     assert os.path.getsize(tmp_path / "tradeoff.png") > 1000
     assert f"| 0.1 | {sepo_row['rm_score']:.3f} | {sepo_row['gold_win']:.3f} [" in table
     assert f"| pre-trained | {rows['pre-trained']['rm_score']:.3f} |" in table
+    # --bon-max: best-of-N by the reward model, a row at SEPO's budget (1 + ceil(2 * 2 * 2 / 16) = 2) and the curve
+    res = T.main([*TINY, "--out", out, "--bon-max", "3"])
+    assert [c["N"] for c in res["best_of_n"]] == [1, 2, 3] and res["rows"][-1]["model"] == "best-of-2 (RM)"
+    assert res["best_of_n"][1]["rm_score"] == pytest.approx(res["rows"][-1]["rm_score"])  # the same samples
+    assert res["best_of_n"][2]["rm_score"] >= res["best_of_n"][0]["rm_score"]  # picked by that score
+    spec = importlib.util.spec_from_file_location("frontier", os.path.join(os.path.dirname(__file__), "docs", "frontier.py"))
+    frontier = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(frontier)
+    capsys.readouterr()
+    frontier.main("text", [out], out=str(tmp_path / "frontier.png"))
+    table = capsys.readouterr().out
+    assert "| pl/snis | alpha 0.1 | 2 | " in table and "| best-of-3 | | 3 |" in table
+    assert os.path.getsize(tmp_path / "frontier.png") > 1000
     # a second run with more iterations reuses every cached stage and resumes SEPO
     T.main([*TINY, "--out", out, "--iters", "3"])
     log = capsys.readouterr().out

@@ -73,8 +73,7 @@ class Config:
     epochs: int = arg(2, "K gradient steps per iteration")
     clip_eps: float = arg(0.2, "clipping eps of the objective")
     kl_coef: float = arg(0.2, "alpha, weight of the path KL to the pre-trained model")
-    kl_target: float = arg(0.0, "a KL budget: alpha = --kl-coef + lambda, lambda >= 0 holds the path KL at or below it")
-    kl_gain: float = arg(0.5, "--kl-target: lambda += kl_gain * min(KL / target - 1, 1) per iteration (docs/math.md §7)")
+    kl_target: float = arg(0.0, "a KL budget: alpha = --kl-coef + lambda, lambda >= 0, keeps the path KL at most it (0: none)")
     kl_steps: int = arg(16, "the path KL covers the last kl_steps sampler steps (capped at --steps)")
     snis: int = arg(2, "M latent paths per sample (SNIS ratio, --grad path)")
     steps: int = arg(16, "sampler steps (rollouts and evaluation)")
@@ -109,7 +108,7 @@ PRESETS = {
 }
 POSITIVE = ("hidden", "stacks", "pretrain_steps", "pretrain_batch", "pretrain_lr", "oracle_dim", "oracle_heads",
             "oracle_downsamples", "oracle_epochs", "oracle_batch", "oracle_lr", "access_epochs", "ckpt_every", "n_eval",
-            "bon_max", "elbo_t", "kl_gain")
+            "bon_max", "elbo_t")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> Config:
@@ -166,9 +165,8 @@ class EnformerOracle(nn.Module):
                                            output_heads=dict(human=1), dropout_rate=0.1, attn_dropout=0.05, pos_dropout=0.01)
         self.head = nn.Linear(2 * dim, n_out)
         for parent in list(self.modules()):  # under torchrun enformer-pytorch picks SyncBatchNorm; an oracle is one rank's
-            for name, m in parent.named_children():
-                if isinstance(m, nn.SyncBatchNorm):
-                    setattr(parent, name, nn.BatchNorm1d(m.num_features, m.eps, m.momentum))
+            for name in [n for n, m in parent.named_children() if isinstance(m, nn.SyncBatchNorm)]:
+                setattr(parent, name, nn.BatchNorm1d(getattr(parent, name).num_features))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.trunk(F.one_hot(x, 4).float(), return_only_embeddings=True).mean(1))
@@ -199,8 +197,7 @@ RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1
 
 
 def setup(cfg: Config) -> torch.device:
-    """The device; under torchrun also the process group (NCCL on CUDA, one GPU per process; gloo on the CPU),
-    and rank 0 alone prints."""
+    """The device; under torchrun also the process group (NCCL and a GPU per process, or gloo on the CPU)."""
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -222,9 +219,8 @@ def rank0_first(stage: Callable, *args):
 
 
 def save_atomic(obj, path: str) -> None:
-    """Text or torch.save to a temporary file, then os.replace: a crash never leaves a half-written file. Rank 0
-    alone writes (under torchrun every rank holds the same models; a SEPO state holds every rank's streams)."""
-    if RANK:
+    """Text or torch.save to a temporary file, then os.replace: a crash never leaves a half-written file."""
+    if RANK:  # rank 0 alone writes: the ranks hold the same models, and a SEPO state every rank's streams
         return
     Path(f"{path}.tmp").write_text(obj) if isinstance(obj, str) else torch.save(obj, f"{path}.tmp")
     os.replace(f"{path}.tmp", path)
@@ -347,10 +343,10 @@ def train_oracles(cfg: Config, train: DnaData, test: DnaData, device) -> tuple[d
 def sepo_config(cfg: Config, corrector_steps: int) -> sepo.SEPOConfig:
     return sepo.SEPOConfig(lr=cfg.lr, batch_size=cfg.batch // WORLD, group_size=cfg.group, epochs=cfg.epochs,
                            clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef, kl_target=cfg.kl_target or None,
-                           kl_gain=cfg.kl_gain, kl_steps=min(cfg.kl_steps, cfg.steps), snis_samples=cfg.snis, steps=cfg.steps,
-                           corrector_steps=corrector_steps, advantage="grpo",
-                           pl_positions=cfg.pl_positions, grad=cfg.grad, ratio=cfg.ratio, path_steps=cfg.path_steps or None,
-                           micro_batch=cfg.micro_batch or None, amp=cfg.amp, seed=cfg.stream_seed + 30 + corrector_steps)
+                           kl_steps=min(cfg.kl_steps, cfg.steps), snis_samples=cfg.snis, steps=cfg.steps,
+                           corrector_steps=corrector_steps, advantage="grpo", pl_positions=cfg.pl_positions, grad=cfg.grad,
+                           ratio=cfg.ratio, path_steps=cfg.path_steps or None, micro_batch=cfg.micro_batch or None,
+                           amp=cfg.amp, seed=cfg.stream_seed + 30 + corrector_steps)
 
 
 def finetune(cfg: Config, train: DnaData, pretrained: nn.Module, reward_fn, corrector_steps: int, tag: str,
@@ -376,9 +372,8 @@ def finetune(cfg: Config, train: DnaData, pretrained: nn.Module, reward_fn, corr
     while len(history) < cfg.iters:
         s = trainer.step()
         history.append(s)
-        print(f"[{tag}] it {len(history)}/{cfg.iters} reward {s['reward_mean']:+.3f} (std {s['reward_std']:.2f}) kl "
-              f"{s['kl']:.4f} (alpha {s['kl_coef']:.3g}) clip {s['clip_frac']:.2f} ratio {s['ratio_mean']:.3f} "
-              f"time {s['time']:.1f}s", flush=True)
+        print(f"[{tag}] it {len(history)}/{cfg.iters} reward {s['reward_mean']:+.3f}±{s['reward_std']:.2f} kl {s['kl']:.4f} "
+              f"alpha {s['kl_coef']:.3g} clip {s['clip_frac']:.2f} ratio {s['ratio_mean']:.3f} {s['time']:.1f}s", flush=True)
         if len(history) % cfg.ckpt_every == 0 or len(history) == cfg.iters:
             probes.append({"iteration": len(history), **probe(trainer.model, corrector_steps)})
             save_atomic({"settings": settings, "trainer": trainer.state_dict(), "history": history, "probes": probes}, path)

@@ -78,8 +78,7 @@ class Config:
     epochs: int = arg(2, "K gradient steps per iteration")
     clip_eps: float = arg(0.2, "clipping eps of the objective")
     kl_coef: float = arg(0.1, "alpha, weight of the path KL to the pre-trained model")
-    kl_target: float = arg(0.0, "a KL budget: alpha = --kl-coef + lambda, lambda >= 0 holds the path KL at or below it")
-    kl_gain: float = arg(0.5, "--kl-target: lambda += kl_gain * min(KL / target - 1, 1) per iteration (docs/math.md §7)")
+    kl_target: float = arg(0.0, "a KL budget: alpha = --kl-coef + lambda, lambda >= 0, keeps the path KL at most it (0: none)")
     kl_steps: int = arg(10, "the path KL covers the last kl_steps sampler steps (capped at --steps)")
     snis: int = arg(4, "M latent paths per sample (SNIS ratio, --grad path)")
     steps: int = arg(16, "sampler steps in rollouts and evaluation (the paper: 128 and 1024)")
@@ -119,7 +118,7 @@ PRESETS = {
 }
 POSITIVE = ("vocab", "prompt_len", "response_len", "d_model", "n_layers", "n_heads", "pretrain_steps", "pretrain_batch",
             "pretrain_lr", "rm_d_model", "rm_layers", "rm_heads", "rm_epochs", "rm_batch", "rm_lr", "ckpt_every",
-            "eval_prompts", "eval_samples", "elbo_t", "kl_gain")
+            "eval_prompts", "eval_samples", "elbo_t")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> Config:
@@ -210,8 +209,7 @@ RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1
 
 
 def setup(cfg: Config) -> torch.device:
-    """The device; under torchrun also the process group (NCCL on CUDA, one GPU per process; gloo on the CPU),
-    and rank 0 alone prints."""
+    """The device; under torchrun also the process group (NCCL and a GPU per process, or gloo on the CPU)."""
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -233,9 +231,8 @@ def rank0_first(stage: Callable, *args):
 
 
 def save_atomic(obj, path: str) -> None:
-    """Text or torch.save to a temporary file, then os.replace: a crash never leaves a half-written file. Rank 0
-    alone writes (under torchrun every rank holds the same models; a SEPO state holds every rank's streams)."""
-    if RANK:
+    """Text or torch.save to a temporary file, then os.replace: a crash never leaves a half-written file."""
+    if RANK:  # rank 0 alone writes: the ranks hold the same models, and a SEPO state every rank's streams
         return
     Path(f"{path}.tmp").write_text(obj) if isinstance(obj, str) else torch.save(obj, f"{path}.tmp")
     os.replace(f"{path}.tmp", path)
@@ -363,7 +360,7 @@ def train_reward_model(cfg: Config, data: TextData, graph, noise, pre: nn.Module
 
 def sepo_config(cfg: Config) -> sepo.SEPOConfig:
     return sepo.SEPOConfig(lr=cfg.lr, batch_size=cfg.batch // WORLD, group_size=cfg.group, epochs=cfg.epochs,
-                           clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef, kl_target=cfg.kl_target or None, kl_gain=cfg.kl_gain,
+                           clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef, kl_target=cfg.kl_target or None,
                            kl_steps=min(cfg.kl_steps, cfg.steps), snis_samples=cfg.snis, steps=cfg.steps,
                            corrector_steps=cfg.corrector_steps, advantage="ppo", baseline=cfg.baseline, seed=cfg.stream_seed,
                            pl_positions=cfg.pl_positions, t_eval=cfg.t_eval or None, grad=cfg.grad, ratio=cfg.ratio,
@@ -391,9 +388,8 @@ def finetune(cfg: Config, data: TextData, graph, noise, pre: nn.Module, rm: Rewa
     while len(history) < cfg.iters:
         s = trainer.step()
         history.append(s)
-        print(f"[sepo] iter {len(history)}/{cfg.iters} reward {s['reward_mean']:.3f}±{s['reward_std']:.3f} KL "
-              f"{s['kl']:.4f} (alpha {s['kl_coef']:.3g}) clip {s['clip_frac']:.2f} ratio max {s['ratio_max']:.2f} "
-              f"{s['time']:.1f}s", flush=True)
+        print(f"[sepo] iter {len(history)}/{cfg.iters} reward {s['reward_mean']:.3f}±{s['reward_std']:.3f} KL {s['kl']:.4f} "
+              f"alpha {s['kl_coef']:.3g} clip {s['clip_frac']:.2f} ratio<={s['ratio_max']:.2f} {s['time']:.1f}s", flush=True)
         if len(history) % cfg.ckpt_every == 0 or len(history) == cfg.iters:
             save_atomic({"settings": settings, "trainer": trainer.state_dict(), "history": history}, path)
     return trainer.model.eval().requires_grad_(False), history
