@@ -450,7 +450,7 @@ def test_distinct_n_of_rows_with_one_and_many_responses_per_prompt_compare(tmp_p
     torch.manual_seed(0)
     graph, noise, pre = T.make_diffusion(cfg, d.tok.get_vocab_size(), "cpu")
     rm = T.RewardModel(d.tok.get_vocab_size(), cfg.prompt_len + cfg.response_len, 16, 1, 2).eval()
-    rows, _ = T.evaluate(cfg, d, graph, noise, pre.eval(), pre, rm)
+    rows, _, _ = T.evaluate(cfg, d, graph, noise, pre.eval(), pre, rm)
     assert [r["n"] for r in rows] == [3 * rows[2]["n"]] * 2 + [rows[2]["n"]]
     for r in rows[:2]:  # before: 1/3 of the data row's distinct-1, for the same texts
         assert (r["distinct_1"], r["distinct_2"]) == pytest.approx((rows[2]["distinct_1"], rows[2]["distinct_2"]))

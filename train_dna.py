@@ -74,6 +74,7 @@ class Config:
     clip_eps: float = arg(0.2, "clipping eps of the objective")
     kl_coef: float = arg(0.2, "alpha, weight of the path KL to the pre-trained model")
     kl_target: float = arg(0.0, "a KL budget: alpha = --kl-coef + lambda, lambda >= 0, keeps the path KL at most it (0: none)")
+    kl_gain: float = arg(0.5, "--kl-target: lambda += kl_gain * min(KL / target - 1, 1) each iteration (docs/math.md §7)")
     kl_steps: int = arg(16, "the path KL covers the last kl_steps sampler steps (capped at --steps)")
     snis: int = arg(2, "M latent paths per sample (SNIS ratio, --grad path)")
     steps: int = arg(16, "sampler steps (rollouts and evaluation)")
@@ -108,7 +109,7 @@ PRESETS = {
 }
 POSITIVE = ("hidden", "stacks", "pretrain_steps", "pretrain_batch", "pretrain_lr", "oracle_dim", "oracle_heads",
             "oracle_downsamples", "oracle_epochs", "oracle_batch", "oracle_lr", "access_epochs", "ckpt_every", "n_eval",
-            "bon_max", "elbo_t")
+            "bon_max", "elbo_t", "kl_gain")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> Config:
@@ -343,7 +344,7 @@ def train_oracles(cfg: Config, train: DnaData, test: DnaData, device) -> tuple[d
 def sepo_config(cfg: Config, corrector_steps: int) -> sepo.SEPOConfig:
     return sepo.SEPOConfig(lr=cfg.lr, batch_size=cfg.batch // WORLD, group_size=cfg.group, epochs=cfg.epochs,
                            clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef, kl_target=cfg.kl_target or None,
-                           kl_steps=min(cfg.kl_steps, cfg.steps), snis_samples=cfg.snis, steps=cfg.steps,
+                           kl_gain=cfg.kl_gain, kl_steps=min(cfg.kl_steps, cfg.steps), snis_samples=cfg.snis, steps=cfg.steps,
                            corrector_steps=corrector_steps, advantage="grpo", pl_positions=cfg.pl_positions, grad=cfg.grad,
                            ratio=cfg.ratio, path_steps=cfg.path_steps or None, micro_batch=cfg.micro_batch or None,
                            amp=cfg.amp, seed=cfg.stream_seed + 30 + corrector_steps)

@@ -79,6 +79,7 @@ class Config:
     clip_eps: float = arg(0.2, "clipping eps of the objective")
     kl_coef: float = arg(0.1, "alpha, weight of the path KL to the pre-trained model")
     kl_target: float = arg(0.0, "a KL budget: alpha = --kl-coef + lambda, lambda >= 0, keeps the path KL at most it (0: none)")
+    kl_gain: float = arg(0.5, "--kl-target: lambda += kl_gain * min(KL / target - 1, 1) each iteration (docs/math.md §7)")
     kl_steps: int = arg(10, "the path KL covers the last kl_steps sampler steps (capped at --steps)")
     snis: int = arg(4, "M latent paths per sample (SNIS ratio, --grad path)")
     steps: int = arg(16, "sampler steps in rollouts and evaluation (the paper: 128 and 1024)")
@@ -118,7 +119,7 @@ PRESETS = {
 }
 POSITIVE = ("vocab", "prompt_len", "response_len", "d_model", "n_layers", "n_heads", "pretrain_steps", "pretrain_batch",
             "pretrain_lr", "rm_d_model", "rm_layers", "rm_heads", "rm_epochs", "rm_batch", "rm_lr", "ckpt_every",
-            "eval_prompts", "eval_samples", "elbo_t")
+            "eval_prompts", "eval_samples", "elbo_t", "kl_gain")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> Config:
@@ -361,7 +362,7 @@ def train_reward_model(cfg: Config, data: TextData, graph, noise, pre: nn.Module
 def sepo_config(cfg: Config) -> sepo.SEPOConfig:
     return sepo.SEPOConfig(lr=cfg.lr, batch_size=cfg.batch // WORLD, group_size=cfg.group, epochs=cfg.epochs,
                            clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef, kl_target=cfg.kl_target or None,
-                           kl_steps=min(cfg.kl_steps, cfg.steps), snis_samples=cfg.snis, steps=cfg.steps,
+                           kl_gain=cfg.kl_gain, kl_steps=min(cfg.kl_steps, cfg.steps), snis_samples=cfg.snis, steps=cfg.steps,
                            corrector_steps=cfg.corrector_steps, advantage="ppo", baseline=cfg.baseline, seed=cfg.stream_seed,
                            pl_positions=cfg.pl_positions, t_eval=cfg.t_eval or None, grad=cfg.grad, ratio=cfg.ratio,
                            path_steps=cfg.path_steps or None, micro_batch=cfg.micro_batch or None, amp=cfg.amp)

@@ -9,7 +9,8 @@ evaluated output, N for best-of-N and 1 + ceil(iterations x batch x group / outp
 samples spread over the outputs, plus the output's own draw). DNA: the evaluation oracle's Pred-Activity against
 3-mer correlation and App-Log-Lik; text: the gold judge's win rate (95% interval over prompts) and the reward
 model's score against the perplexity under the pre-trained model. The table flags, for each SEPO point, whether a
-best-of-N point is at least as good on both axes of the first panel (dominated) and which N it beats on both. Its
+best-of-N point is at least as good on both axes of the first panel (dominated; a lower perplexity is the more
+natural) and which N it beats on both. Its
 KL column is SEPO's path KL (an upper bound on the KL of its samples' law) over the last 5 iterations, and the
 bound log N - (N - 1) / N on best-of-N's KL to the pre-trained model.
 """
@@ -33,8 +34,9 @@ def load(kind: str, run: str) -> dict:
         return json.load(f)
 
 
-def points(kind: str, r: dict) -> list[dict]:
-    """The SEPO rows of one run, each with its label, its sampling budget and its KL at the end."""
+def points(kind: str, r: dict, iters: int) -> list[dict]:
+    """The SEPO rows of one run, each with its label, its sampling budget and its KL at the end; a run of other
+    than `iters` iterations is a series of its own."""
     c = r["config"]
     budget = 1 + math.ceil(c["iters"] * c["batch"] * c["group"] / (c["n_eval"] if kind == "dna" else
                                                                    r["rows"][0]["n"]))
@@ -46,6 +48,7 @@ def points(kind: str, r: dict) -> list[dict]:
     out = []
     for name, (row, hist) in rows.items():
         est = f"{c['grad']}/{c['ratio']}" + (" + GF" if name.endswith("GF") else "")
+        est += f", {c['iters']} iterations" if c["iters"] != iters else ""
         out.append({"series": est, "label": kl, "budget": budget, "row": row, "kl_end": sum(h["kl"] for h in hist[-5:]) / 5,
                     "alpha_end": hist[-1].get("kl_coef", c["kl_coef"]), "target": c.get("kl_target") or 0.0})
     return out
@@ -57,7 +60,7 @@ def main(kind: str, runs: list[str], out: str = "") -> None:
     out = out or os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{kind}_frontier.png")
     loaded = [load(kind, run) for run in runs]
     bon = next(r["best_of_n"] for r in loaded if r.get("best_of_n"))
-    pts = [p for r in loaded for p in points(kind, r)]
+    pts = [p for r in loaded for p in points(kind, r, loaded[0]["config"]["iters"])]
     y, xs = AXES[kind]
     ref = loaded[0]["rows"]
     refs = ({n: row for n, row in ref.items() if n.startswith(("Pre-trained", "Data"))} if kind == "dna" else
@@ -95,30 +98,41 @@ def main(kind: str, runs: list[str], out: str = "") -> None:
             a.set(xlim=lim[0], ylim=lim[1])
         a.set(xlabel=x + (" under the pre-trained model (log scale)" if x == "perplexity" else ""),
               ylabel={"gold_win": "gold win rate vs pre-trained", "rm_score": "reward-model score"}.get(ylab, ylab))
-        if x == "perplexity":
-            a.set_xscale("log")
-    ax[0].legend(fontsize=7)
+        if x == "perplexity":  # log scale, plain tick labels
+            lo, hi = a.get_xlim()
+            a.set_xscale("log"), a.minorticks_off()
+            ticks = [t for t in (20, 30, 50, 70, 100, 150, 200, 300, 500, 1000) if lo <= t <= hi]
+            a.set_xticks(ticks, [str(t) for t in ticks]), a.set_xlim(lo, hi)
+    fig.legend(*ax[0].get_legend_handles_labels(), fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.suptitle("[k]: sampling budget, samples drawn per output; SEPO points: their KL budget (<= nats) or fixed alpha",
                  fontsize=9)
-    fig.tight_layout(), fig.savefig(out, dpi=110), plt.close(fig)
-    x = xs[0]
+    fig.tight_layout(), fig.savefig(out, dpi=110, bbox_inches="tight"), plt.close(fig)
+    x, up = xs[0], 1 if kind == "dna" else -1  # up: +1 where a larger x is more natural (3-mer), -1 (perplexity)
     cols = ([y, "ATAC-Acc %", "3-mer corr", "JASPAR corr", "App-Log-Lik"] if kind == "dna" else
             ["gold_win", "rm_score", "perplexity", "distinct_1"])
+    heads = {"gold_win": "gold win rate [95% CI]", "rm_score": "RM score", "distinct_1": "distinct-1"}
+
+    def fmt(row: dict, c: str) -> str:
+        return f"{row[c]:.1f}" if "%" in c or c == "perplexity" else f"{row[c]:.3f}"
     print("| SEPO | KL budget / alpha | samples per output | KL, last 5 iterations | alpha at the end | "
-          + " | ".join(cols) + " | dominated by best-of-N | beats best-of-N |\n" + "|---" * (len(cols) + 7) + "|")
+          + " | ".join(heads.get(c, c) for c in cols) + " | dominated by best-of-N | beats best-of-N |\n"
+          + "|---" * (len(cols) + 7) + "|")
     for p in sorted(pts, key=lambda p: (p["series"], p["target"] == 0, p["target"])):
         row = p["row"]
-        over = [b["N"] for b in bon if b[x] >= row[x] and b[y] >= row[y]]  # (ties count against SEPO)
-        under = [b["N"] for b in bon if b[x] < row[x] and b[y] < row[y]]
-        cells = [f"{row[c]:.1f}" if "%" in c else f"{row[c]:.3f}" for c in cols]
+        over = [b["N"] for b in bon if up * b[x] >= up * row[x] and b[y] >= row[y]]  # (ties count against SEPO)
+        under = [b["N"] for b in bon if up * b[x] < up * row[x] and b[y] < row[y]]
+        cells = [fmt(row, c) for c in cols]
         if kind == "text":
             cells[0] = f"{row['gold_win']:.3f} [{row['gold_win_ci'][0]:.3f}, {row['gold_win_ci'][1]:.3f}]"
         print(f"| {p['series']} | {p['label']} | {p['budget']} | {p['kl_end']:.2f} | {p['alpha_end']:.3g} | "
               + " | ".join(cells) + f" | {'N = ' + ', '.join(map(str, over)) if over else 'no'} | "
               f"{'N = ' + ', '.join(map(str, under)) if under else 'none'} |")
     for b in bon:  # KL(best-of-N || pre-trained) <= log N - (N - 1) / N (Beirami et al. 2024)
-        print(f"| best-of-{b['N']} | | {b['N']} | <= {math.log(b['N']) - (b['N'] - 1) / b['N']:.2f} | | " + " | ".join(
-            f"{b[c]:.1f}" if "%" in c else f"{b[c]:.3f}" for c in cols) + " | | |")
+        cells = [fmt(b, c) for c in cols]
+        if kind == "text":
+            cells[0] = f"{b['gold_win']:.3f} [{b['gold_win_ci'][0]:.3f}, {b['gold_win_ci'][1]:.3f}]"
+        print(f"| best-of-{b['N']} | | {b['N']} | <= {math.log(b['N']) - (b['N'] - 1) / b['N']:.2f} | | "
+              + " | ".join(cells) + " | | |")
     print(f"wrote {out}")
 
 
