@@ -32,6 +32,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  imported before any init_process_group: docs/design.md, "Exit"
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -646,8 +647,7 @@ def check_reward(reward, batch: int) -> Tensor:
 
 
 # === 6. The trainer: Algorithm 1 (roll out pi_old, reward, advantages, K clipped epochs, KL). ====
-# Under torch.distributed (e.g. torchrun), each rank rolls out and scores its own groups; the ranks share
-# only the gathered per-sample statistics and the averaged gradient (docs/design.md). Alone, these are no-ops.
+# Under torchrun each rank rolls out its own groups; ranks share statistics and the mean gradient (docs/design.md).
 
 
 @dataclass

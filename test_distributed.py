@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import os
 import subprocess
@@ -113,6 +114,24 @@ def test_a_two_rank_state_resumes_exactly_and_only_on_two_ranks(tmp_path):
     state = {**trainer.state_dict(), "generators": [trainer.state_dict()["generators"][0]] * WORLD}
     with pytest.raises(ValueError, match="state is of 2 ranks: resume it on as many, not 1"):
         trainer.load_state_dict(state)
+
+
+def _exit_worker(rank: int, store: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    trainer_for(next(iter(CASES)), seed=rank)  # its Adam imports torch.distributed.nn unless that is done already
+    functional = importlib.import_module("torch.distributed.nn.functional")
+    defaults = [d for f in vars(functional).values() for d in getattr(f, "__defaults__", None) or ()]
+    assert not [d for d in defaults if isinstance(d, dist.ProcessGroup)], "torch.distributed.nn holds the group"
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_rank_that_used_sepo_can_release_its_process_group(tmp_path):
+    """torch.distributed.nn.functional's default arguments are group.WORLD as it was at import: imported first after
+    init_process_group (Adam's constructor does so), they hold the group past destroy_process_group, and about half
+    of such pairs of processes abort at exit (SIGABRT, "terminate called without an active exception"). sepo imports
+    it first, so no default holds a group."""
+    mp.spawn(_exit_worker, args=(str(tmp_path / "store"),), nprocs=WORLD)
 
 
 # ---------------------------------------------------------------------------- the drivers under torchrun
