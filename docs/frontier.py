@@ -34,9 +34,9 @@ def load(kind: str, run: str) -> dict:
         return json.load(f)
 
 
-def points(kind: str, r: dict, iters: int) -> list[dict]:
+def points(kind: str, r: dict, first: dict) -> list[dict]:
     """The SEPO rows of one run, each with its label, its sampling budget and its KL at the end; a run of other
-    than `iters` iterations is a series of its own."""
+    iterations or KL steps than the `first` run's config is a series of its own."""
     c = r["config"]
     budget = 1 + math.ceil(c["iters"] * c["batch"] * c["group"] / (c["n_eval"] if kind == "dna" else
                                                                    r["rows"][0]["n"]))
@@ -48,7 +48,8 @@ def points(kind: str, r: dict, iters: int) -> list[dict]:
     out = []
     for name, (row, hist) in rows.items():
         est = f"{c['grad']}/{c['ratio']}" + (" + GF" if name.endswith("GF") else "")
-        est += f", {c['iters']} iterations" if c["iters"] != iters else ""
+        est += f", {c['iters']} iterations" if c["iters"] != first["iters"] else ""
+        est += f", KL over {c['kl_steps']} steps" if c["kl_steps"] != first["kl_steps"] else ""
         out.append({"series": est, "label": kl, "budget": budget, "row": row, "kl_end": sum(h["kl"] for h in hist[-5:]) / 5,
                     "alpha_end": hist[-1].get("kl_coef", c["kl_coef"]), "target": c.get("kl_target") or 0.0})
     return out
@@ -60,7 +61,7 @@ def main(kind: str, runs: list[str], out: str = "") -> None:
     out = out or os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{kind}_frontier.png")
     loaded = [load(kind, run) for run in runs]
     bon = next(r["best_of_n"] for r in loaded if r.get("best_of_n"))
-    pts = [p for r in loaded for p in points(kind, r, loaded[0]["config"]["iters"])]
+    pts = [p for r in loaded for p in points(kind, r, loaded[0]["config"])]
     y, xs = AXES[kind]
     ref = loaded[0]["rows"]
     refs = ({n: row for n, row in ref.items() if n.startswith(("Pre-trained", "Data"))} if kind == "dna" else
