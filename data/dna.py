@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
+import itertools
 import math
 import os
 import re
@@ -42,7 +43,8 @@ GOSAI_TARGETS = ("hepg2", "k562", "sknsh")            # Gosai CSV; hepg2 is the 
 class DnaData:
     x: Tensor              # [N, 200] long, A, C, G, T = 0..3
     chrom: np.ndarray      # [N] str
-    y: Tensor              # oracle target: ENCODE cell-type index [N]; Gosai activity (hepg2, k562, sknsh) [N, 3]
+    y: Tensor              # oracle target: ENCODE cell-type index [N]; Gosai activity (hepg2, k562, sknsh)
+    #                        [N, 3]
     signal: Tensor         # [N] ranking score of the top-HepG2 set (DHS signal, or HepG2 activity)
     kind: str              # "encode" or "gosai"
     sha256: str = ""       # first 16 hex digits of the source file's sha256: the key of the cached stages
@@ -70,11 +72,13 @@ def encode_sequences(seqs: list[str], length: int = SEQ_LEN) -> Tensor:
     for i, s in enumerate(seqs):
         if len(s) != length:
             raise ValueError(f"row {i + 1}: sequence has length {len(s)}, expected {length}")
-    codes = _LUT[np.frombuffer("".join(seqs).encode("latin-1", "replace"), np.uint8)].reshape(len(seqs), length)
+    codes = _LUT[np.frombuffer("".join(seqs).encode("latin-1", "replace"), np.uint8)]
+    codes = codes.reshape(len(seqs), length)
     bad = np.argwhere(codes == 255)
     if len(bad):
         i, j = bad[0]
-        raise ValueError(f"row {i + 1}: invalid base {seqs[i][j]!r} at position {j + 1} (only A, C, G, T allowed)")
+        raise ValueError(f"row {i + 1}: invalid base {seqs[i][j]!r} at position {j + 1} "
+                         "(only A, C, G, T allowed)")
     return torch.from_numpy(codes.astype(np.int64))
 
 
@@ -82,23 +86,40 @@ def decode_sequences(x: Tensor) -> list[str]:
     return ["".join(BASES[v] for v in row) for row in x.tolist()]
 
 
-def _read_table(path: str, delimiter: str) -> tuple[dict, list[list[str]]]:
-    """({lower-cased column name: index, or None if the name repeats}, data rows)."""
+def _read_rows(path: str, delimiter: str, header_only: bool = False) -> list[list[str]]:
     try:  # utf-8-sig drops the BOM of Excel's "CSV UTF-8", which would otherwise hide the first column's name
         with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8-sig", newline="") as f:
-            rows = list(csv.reader(f, delimiter=delimiter))
+            rows = list(itertools.islice(csv.reader(f, delimiter=delimiter), 1 if header_only else None))
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e})") from None
     if not rows:
         raise ValueError(f"{path}: empty file")
+    return rows
+
+
+def _header(names: list[str]) -> dict:
+    """{lower-cased column name: index, or None if the name repeats}: Chr, CHROM, HepG2 name chr, chrom,
+    hepg2."""
+    names = [h.strip().lower() for h in names]
+    return {n: j if names.count(n) == 1 else None for j, n in enumerate(names)}
+
+
+def table_header(path: str, delimiter: str = ",") -> dict:
+    """The header of a table as _read_table sees it, reading only its first line (a cheap check)."""
+    return _header(_read_rows(path, delimiter, header_only=True)[0])
+
+
+def _read_table(path: str, delimiter: str) -> tuple[dict, list[list[str]]]:
+    """({lower-cased column name: index, or None if the name repeats}, data rows)."""
+    rows = _read_rows(path, delimiter)
     for i, r in enumerate(rows[1:], 1):
         if len(r) != len(rows[0]):
             raise ValueError(f"{path}: row {i} has {len(r)} fields, the header has {len(rows[0])}")
-    names = [h.strip().lower() for h in rows[0]]  # Chr, CHROM, HepG2: the columns chr, chrom, hepg2
-    return {n: j if names.count(n) == 1 else None for j, n in enumerate(names)}, rows[1:]
+    return _header(rows[0]), rows[1:]
 
 
-def _column(path: str, header: dict, rows: list, *names: str, number: bool = False, required: bool = True):
+def _column(path: str, header: dict, rows: list, *names: str, number: bool = False, required: bool = True,
+            dtype: torch.dtype = torch.float32):
     name = next((n for n in names if n in header), None)
     if name is None and required:
         raise ValueError(f"{path}: missing column {' or '.join(map(repr, names))} (header: {list(header)})")
@@ -112,7 +133,7 @@ def _column(path: str, header: dict, rows: list, *names: str, number: bool = Fal
             raise ValueError(f"{path}: row {i}: column {name!r} is not a number: {v!r}") from None
         if not ok:
             raise ValueError(f"{path}: row {i}: column {name!r} is not finite: {v!r}")
-    return torch.tensor([float(v) for v in vals]) if number else vals
+    return torch.tensor([float(v) for v in vals], dtype=dtype) if number else vals
 
 
 def chrom_name(name: str, where: str = "") -> str:
@@ -144,17 +165,24 @@ def load_encode(path: str = DEFAULT_DATA) -> DnaData:
                    _column(path, header, rows, "signal", number=True), "encode")
 
 
-def load_gosai(path: str, split_seed: int = 0) -> DnaData:
-    """A Gosai/DRAKES MPRA CSV: seq, hepg2, k562, sknsh and, if present, a chromosome column (chr/chrom/
-    chromosome, in any case). Without one (the DRAKES file gosai_all.csv) every row gets one of ten
-    pseudo-chromosomes chr1..chr10 uniformly at random with numpy seed split_seed: a fixed, reproducible
-    10% test / 10% validation / 80% training split that does not depend on --seed."""
+def read_gosai(path: str) -> tuple[Tensor, Tensor, list[str] | None]:
+    """The columns of a Gosai/DRAKES MPRA CSV: (sequences [N, 200], activity (hepg2, k562, sknsh) [N, 3] as
+    float64, exactly as written, the chromosome column (chr/chrom/chromosome, in any case) or None)."""
     header, rows = _read_table(path, ",")
-    y = torch.stack([_column(path, header, rows, n, number=True) for n in GOSAI_TARGETS], 1)
+    y = torch.stack([_column(path, header, rows, n, number=True, dtype=torch.float64)
+                     for n in GOSAI_TARGETS], 1)
     x = encode_sequences(_column(path, header, rows, "seq", "sequence"))
-    chrom = _column(path, header, rows, "chr", "chrom", "chromosome", required=False)
+    return x, y, _column(path, header, rows, "chr", "chrom", "chromosome", required=False)
+
+
+def load_gosai(path: str, split_seed: int = 0) -> DnaData:
+    """A Gosai/DRAKES MPRA CSV (read_gosai). Without a chromosome column (the DRAKES file gosai_all.csv)
+    every row gets one of ten pseudo-chromosomes chr1..chr10 uniformly at random with numpy seed split_seed:
+    a fixed, reproducible 10% test / 10% validation / 80% training split that does not depend on --seed."""
+    x, y, chrom = read_gosai(path)
+    y = y.float()  # rounds each value as torch.tensor(floats) would: the default run's numbers are unchanged
     if chrom is None:
-        chrom = [f"chr{k}" for k in np.random.default_rng(split_seed).integers(1, 11, len(rows))]
+        chrom = [f"chr{k}" for k in np.random.default_rng(split_seed).integers(1, 11, len(x))]
     return DnaData(x, _chroms(path, chrom), y, y[:, 0].clone(), "gosai")
 
 
@@ -165,12 +193,13 @@ def load_data(path: str) -> DnaData:
         raise FileNotFoundError(f"data file {path} not found")
     with open(path, "rb") as f:
         sha256 = hashlib.file_digest(f, "sha256").hexdigest()[:16]
-    return replace(load_gosai(path) if path.endswith((".csv", ".csv.gz")) else load_encode(path), sha256=sha256)
+    data = load_gosai(path) if path.endswith((".csv", ".csv.gz")) else load_encode(path)
+    return replace(data, sha256=sha256)
 
 
 def split_by_chromosome(data: DnaData, test_chrom: str, val_chrom: str) -> dict[str, DnaData]:
-    """{"train": all other chromosomes, "val": val_chrom, "test": test_chrom}; an empty val or test is an error.
-    The names go through chrom_name() as the data's do: 1 means chr1."""
+    """{"train": all other chromosomes, "val": val_chrom, "test": test_chrom}; an empty val or test is an
+    error. The names go through chrom_name() as the data's do: 1 means chr1."""
     test_chrom = chrom_name(test_chrom, "test chromosome: ")
     val_chrom = chrom_name(val_chrom, "validation chromosome: ")
     if test_chrom == val_chrom:  # the validation loss (early stopping) would be measured on the test set
@@ -249,7 +278,8 @@ def load_jaspar_pwms(release: str = "JASPAR2024") -> tuple[list[str], list[Tenso
     """Human CORE vertebrate motifs from pyjaspar's offline database as log2-odds PWMs [4, w]
     (pseudocount 0.8 spread over the bases, uniform background)."""
     from pyjaspar import jaspardb
-    motifs = jaspardb(release=release).fetch_motifs(collection="CORE", tax_group=["vertebrates"], species=["9606"])
+    db = jaspardb(release=release)
+    motifs = db.fetch_motifs(collection="CORE", tax_group=["vertebrates"], species=["9606"])
     pwms = [torch.tensor([list(m.counts[b]) for b in BASES], dtype=torch.float64) for m in motifs]
     pwms = [torch.log2((c + 0.2) / (c.sum(0, keepdim=True) + 0.8) / 0.25).float() for c in pwms]
     if not pwms:
@@ -259,7 +289,8 @@ def load_jaspar_pwms(release: str = "JASPAR2024") -> tuple[list[str], list[Tenso
 
 def motif_hits(x: Tensor, pwms: list[Tensor], rel_threshold: float = 0.85) -> Tensor:
     """Hits per motif, summed over sequences and both strands [num_motifs]: a window is a hit when its PWM
-    score s satisfies (s - min) / (max - min) >= rel_threshold (min, max: the motif's extreme scores)."""
+    score s satisfies (s - min) / (max - min) >= rel_threshold (min, max: the motif's extreme scores).
+    The default run's statistic; DRAKES's JASPAR correlation counts FIMO hits at p < 1e-3 (data/drakes.py)."""
     N, L = x.shape
     both = pwms + [p.flip(0).flip(1) for p in pwms]  # reverse complement: A<->T, C<->G is the flip of ACGT
     wmax = max(p.shape[1] for p in pwms)
@@ -267,8 +298,10 @@ def motif_hits(x: Tensor, pwms: list[Tensor], rel_threshold: float = 0.85) -> Te
     lo, hi = (torch.stack([f(p, 0).values.sum() for p in both]) for f in (torch.min, torch.max))
     thr = (lo + rel_threshold * (hi - lo))[None, :, None] - 1e-5
     valid = torch.arange(L)[None, :] <= L - torch.tensor([p.shape[1] for p in both])[:, None]  # window fits
-    total = sum((F.conv1d(F.pad(F.one_hot(xb, 4).float().transpose(1, 2), (0, wmax - 1)), W) >= thr)
-                .logical_and(valid).sum((0, 2)).float() for xb in x.split(256)) if N else torch.zeros(len(both))
+    total = torch.zeros(len(both))
+    for xb in x.split(256):
+        onehot = F.pad(F.one_hot(xb, 4).float().transpose(1, 2), (0, wmax - 1))
+        total += (F.conv1d(onehot, W) >= thr).logical_and(valid).sum((0, 2)).float()
     return total[: len(pwms)] + total[len(pwms):]
 
 
@@ -277,5 +310,5 @@ if __name__ == "__main__":
     names, counts = np.unique(d.chrom, return_counts=True)
     print(f"{len(d)} sequences ({d.kind}), {len(names)} chromosomes: "
           + ", ".join(f"{n} {c}" for n, c in zip(names, counts)))
-    print("oracle halves (test chr1, validation chr2):", *map(" ".join, oracle_chromosomes(d.chrom, "chr1", "chr2")),
-          sep="\n  ")
+    halves = oracle_chromosomes(d.chrom, "chr1", "chr2")
+    print("oracle halves (test chr1, validation chr2):", *map(" ".join, halves), sep="\n  ")
