@@ -27,7 +27,7 @@ import copy
 import itertools
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -82,7 +82,8 @@ class Graph:
         sampler's grid (sigmabars [T+1], decreasing): the SNIS proposal (math §5)."""
         z = [x]
         for k in range(len(sigmabars) - 2, -1, -1):
-            zk = self.sample_transition(z[-1], (sigmabars[k] - sigmabars[k + 1]).expand(x.shape[0]), generator)
+            dsigma = (sigmabars[k] - sigmabars[k + 1]).expand(x.shape[0])
+            zk = self.sample_transition(z[-1], dsigma, generator)
             zk[:, :n_fixed] = x[:, :n_fixed]
             z.append(zk)
         return torch.stack(z[::-1], 1)
@@ -139,7 +140,8 @@ class Masked(Graph):
     def transition_log_prob(self, x, y, sigmabar):
         sb, m = sigmabar[:, None].expand(x.shape), self.mask_id
         lp = torch.where(y == m, torch.log(-torch.expm1(-sb)), -sb)  # masked with 1 - alpha, kept with alpha
-        return torch.where(x == m, torch.where(y == m, 0.0, NEG_INF), torch.where((y == x) | (y == m), lp, NEG_INF))
+        from_real = torch.where((y == x) | (y == m), lp, NEG_INF)
+        return torch.where(x == m, torch.where(y == m, 0.0, NEG_INF), from_real)
 
     def sample_transition(self, x, sigmabar, generator=None):
         drop = torch.rand(x.shape, device=x.device, generator=generator) < -torch.expm1(-sigmabar[:, None])
@@ -165,7 +167,8 @@ class Masked(Graph):
         return self.log_score(out, x, sigmabar) + _col(sigma).log()
 
     def log_forward_rate(self, x, sigma):
-        to_mask = (x != self.mask_id)[..., None] & (torch.arange(self.vocab_size, device=x.device) == self.mask_id)
+        is_mask = torch.arange(self.vocab_size, device=x.device) == self.mask_id
+        to_mask = (x != self.mask_id)[..., None] & is_mask
         return torch.where(to_mask, _col(sigma).log(), NEG_INF)  # only real token -> MASK, at rate sigma
 
     @staticmethod
@@ -174,7 +177,8 @@ class Masked(Graph):
         to v has probability p_theta(v) times the first, staying masked the second (-inf at s = 0)."""
         sb_t, sb_s = noise(t)[0][:, None], noise(s)[0][:, None]
         log_1m_at = torch.log(-torch.expm1(-sb_t))
-        return -sb_s + torch.log(-torch.expm1(sb_s - sb_t)) - log_1m_at, torch.log(-torch.expm1(-sb_s)) - log_1m_at
+        log_unmask = -sb_s + torch.log(-torch.expm1(sb_s - sb_t)) - log_1m_at
+        return log_unmask, torch.log(-torch.expm1(-sb_s)) - log_1m_at
 
     def predictor_log_probs(self, out, x, noise, t, s, y=None):
         # MDLM step (math §2): a masked token becomes v w.p. p_theta(v)(a_s - a_t)/(1 - a_t), stays MASK
@@ -183,7 +187,8 @@ class Masked(Graph):
         masked = x == self.mask_id
         if y is None:
             step = torch.cat([self.denoiser_log_probs(out) + log_unmask[..., None],
-                              log_stay[..., None].expand(*x.shape, 1)], -1).masked_fill(~masked[..., None], NEG_INF)
+                              log_stay[..., None].expand(*x.shape, 1)], -1)
+            step = step.masked_fill(~masked[..., None], NEG_INF)
             return step.scatter_(-1, x[..., None], torch.where(masked, log_stay, 0.0)[..., None])
         # At y only the unmasked positions read the model, through one logsumexp each. With out=None
         # this is the model-free part, exact for a row where no position is unmasked.
@@ -197,7 +202,8 @@ class Masked(Graph):
 
     def sample_path(self, x, sigmabars, n_fixed=0, generator=None):
         # Forward masking times given "all masked at t = 1", the sampler's start: masked at t_k iff
-        # u (1 - alpha_1) <= 1 - alpha_{t_k}, u ~ U(0, 1]. SNIS cancels the conditioning (common to all paths).
+        # u (1 - alpha_1) <= 1 - alpha_{t_k}, u ~ U(0, 1]. SNIS cancels the conditioning (common to all
+        # paths).
         one_m_alpha = -torch.expm1(-sigmabars.to(torch.get_default_dtype()))  # [T+1], 1 - alpha_t
         u = 1.0 - torch.rand(x.shape, device=x.device, generator=generator)
         masked = u[:, None, :] * one_m_alpha[0] <= one_m_alpha[None, :, None]
@@ -287,7 +293,8 @@ def tau_leap_log_probs(log_rate: Tensor, x: Tensor, dt: Tensor, y: Optional[Tens
 def predictor_log_probs(model, graph: Graph, noise, x: Tensor, t: Tensor, s: Tensor, n_fixed: int = 0,
                         y: Optional[Tensor] = None) -> Tensor:
     """log P_theta(x_s = . | x_t) of one predictor step (t, s: [B]) at the free positions [B, L - n_fixed, V],
-    or its entries at the free part y [B, L - n_fixed]; the n_fixed prefix tokens are copied, never computed."""
+    or its entries at the free part y [B, L - n_fixed]; the n_fixed prefix tokens are copied, never
+    computed."""
     out = model_output(model, graph, x, noise(t)[0])
     return graph.predictor_log_probs(out[:, n_fixed:], x[:, n_fixed:], noise, t, s, y)
 
@@ -342,7 +349,8 @@ def _predictor_sample(model, graph: Graph, noise, x: Tensor, t: Tensor, s: Tenso
     if len(rows):
         out = model_output(model, graph, x[rows], noise(t[rows])[0])[:, n_fixed:]
         sel = unmask[rows]
-        y[rows] = free[rows].masked_scatter(sel, sample_categorical(graph.denoiser_log_probs(out[sel]), generator))
+        new = sample_categorical(graph.denoiser_log_probs(out[sel]), generator)
+        y[rows] = free[rows].masked_scatter(sel, new)
     lp = graph.predictor_log_probs(None, free, noise, t, s, y).sum(-1)
     if len(rows):
         lp[rows] = graph.predictor_log_probs(out, free[rows], noise, t[rows], s[rows], y[rows]).sum(-1)
@@ -369,7 +377,8 @@ def rollout(model, graph: Graph, noise, num_samples: int, length: int, steps: in
     if n_fixed > length:
         raise ValueError(f"prefix of length {n_fixed} does not fit in length {length}")
     if isinstance(graph, Masked) and noise(torch.zeros(1))[0].item() != 0:  # on the CPU: no device sync
-        raise ValueError("the masked graph needs sigmabar(0) = 0 (LogLinear): else the last step leaves MASK tokens")
+        raise ValueError("the masked graph needs sigmabar(0) = 0 (LogLinear): else the last step leaves "
+                         "MASK tokens")
     x = graph.sample_prior((num_samples, length), device, generator)
     if n_fixed:
         x[:, :n_fixed] = prefix
@@ -412,7 +421,8 @@ def sample(model, graph: Graph, noise, num_samples: int, length: int, steps: int
 T_MIN = 1e-3  # lowest training time: the masked weight 1/t and the uniform ratios blow up at 0
 
 
-def _nelbo_integrand(model, graph: Graph, noise, x0: Tensor, t: Tensor, prefix_len: int, generator=None) -> Tensor:
+def _nelbo_integrand(model, graph: Graph, noise, x0: Tensor, t: Tensor, prefix_len: int,
+                     generator=None) -> Tensor:
     """Per-sequence integrand of the negative ELBO at times t [B] (nats per unit time)."""
     sigmabar, sigma = noise(t)
     xt = graph.sample_transition(x0, sigmabar, generator)
@@ -448,7 +458,8 @@ def _times(batch: int, device, generator=None) -> Tensor:
 def pretrain_loss(model, graph: Graph, noise, x0: Tensor, prefix_len: int = 0, generator=None) -> Tensor:
     """Monte-Carlo NELBO in nats per token: denoising score entropy for Uniform, the MDLM
     weighted cross-entropy (score entropy of the absorbing graph) for Masked."""
-    nelbo = _nelbo_integrand(model, graph, noise, x0, _times(x0.shape[0], x0.device, generator), prefix_len, generator)
+    t = _times(x0.shape[0], x0.device, generator)
+    nelbo = _nelbo_integrand(model, graph, noise, x0, t, prefix_len, generator)
     return (nelbo.mean() if len(nelbo) else nelbo.sum()) / max(x0.shape[1] - prefix_len, 1)  # empty: 0
 
 
@@ -468,8 +479,10 @@ def elbo(model, graph: Graph, noise, x0: Tensor, num_t: int = 16, prefix_len: in
 # === 5. SEPO: the pieces of the policy gradient. =================================================
 
 
-def pl_positions(batch: int, free: int, positions: int, n_fixed: int = 0, generator=None, device=None) -> Tensor:
-    """min(positions, free) distinct random free positions per row [batch, P] (the masked pseudo-likelihood)."""
+def pl_positions(batch: int, free: int, positions: int, n_fixed: int = 0, generator=None,
+                 device=None) -> Tensor:
+    """min(positions, free) distinct random free positions per row [batch, P] (the masked
+    pseudo-likelihood)."""
     P = min(positions, free)
     return torch.rand(batch, free, device=device, generator=generator).argsort(-1)[:, :P] + n_fixed
 
@@ -573,7 +586,8 @@ def select_transitions(active: Tensor, steps: Optional[int], generator=None) -> 
 
 
 def _mean(r: Tensor, dim: int) -> Tensor:
-    """r.mean(dim, keepdim=True), exact where r is constant: a rounded mean, over a ~0 std, would give |A| ~ 1."""
+    """r.mean(dim, keepdim=True), exact where r is constant: a rounded mean, over a ~0 std, would give
+    |A| ~ 1."""
     first = r.narrow(dim, 0, 1)
     return torch.where((r == first).all(dim, keepdim=True), first, r.mean(dim, keepdim=True))
 
@@ -587,7 +601,8 @@ def grpo_advantages(reward: Tensor, group_size: int) -> Tensor:
     return ((r - _mean(r, 1)) / (r.std(1, unbiased=False, keepdim=True) + 1e-8)).view(-1)
 
 
-def ppo_advantages(reward: Tensor, baseline: Optional[float | Tensor] = None, normalize: bool = False) -> Tensor:
+def ppo_advantages(reward: Tensor, baseline: Optional[float | Tensor] = None,
+                   normalize: bool = False) -> Tensor:
     """A = R - b, b = batch mean unless given (a running mean, or a per-sample prompt value, say);
     normalize: whitened over the batch, (A - mean A) / std A, as in PPO implementations (math §6)."""
     if reward.numel() == 0:
@@ -596,16 +611,23 @@ def ppo_advantages(reward: Tensor, baseline: Optional[float | Tensor] = None, no
     return grpo_advantages(adv, len(adv)) if normalize else adv  # whitening: one group of the whole batch
 
 
+LOG_RATIO_MAX = 20.0  # |log r| is clamped here: r in [2e-9, 5e8], finite in fp32 whatever the estimate
+
+
 def clip_coefficients(log_ratio: Tensor, adv: Tensor, clip_eps: float = 0.2) -> tuple[Tensor, Tensor]:
     """(coef_b = 1[active_b] A_b r_b, clipped_b), detached: the gradient of the per-sample clipped
     objective (paper Eq. (9), math §6) is mean_b coef_b grad log pi_theta(x_b). Inactive where the min
-    picks the clipped branch (A > 0, r > 1 + eps or A < 0, r < 1 - eps)."""
-    ratio = log_ratio.detach().exp()
+    picks the clipped branch (A > 0, r > 1 + eps or A < 0, r < 1 - eps). Finite by construction: the
+    log ratio is clamped to +-LOG_RATIO_MAX before exp, so A = 0 never meets r = inf (0 * inf = NaN), and
+    the clamp changes no coefficient that matters (r > 1 + eps with A > 0 is clipped anyway; an A < 0
+    sample at r = 5e8 already dominates the clipped gradient). A NaN log ratio stays NaN (math §6)."""
+    ratio = log_ratio.detach().clamp(-LOG_RATIO_MAX, LOG_RATIO_MAX).exp()
     clipped = ((adv > 0) & (ratio > 1 + clip_eps)) | ((adv < 0) & (ratio < 1 - clip_eps))
     return torch.where(clipped, 0.0, adv * ratio).detach(), clipped
 
 
-def clipped_surrogate(psi: Tensor, log_ratio: Tensor, adv: Tensor, clip_eps: float = 0.2) -> tuple[Tensor, Tensor]:
+def clipped_surrogate(psi: Tensor, log_ratio: Tensor, adv: Tensor,
+                      clip_eps: float = 0.2) -> tuple[Tensor, Tensor]:
     """L = -mean_b coef_b psi_b, whose gradient is -grad l_A when grad psi_b = grad log pi_theta(x_b)
     (paper Eq. (9), math §6). Returns (loss, fraction clipped)."""
     if psi.numel() == 0:
@@ -635,19 +657,21 @@ def path_kl(model, ref_model, graph: Graph, noise, states: Tensor, steps: int, n
     return torch.cat(kl).view(B, k).sum(1)
 
 
-def check_reward(reward, batch: int) -> Tensor:
+def check_reward(reward, batch: int, where: str = "") -> Tensor:
     """The reward as a float tensor [batch]; a wrong shape or a NaN/inf is an error naming the culprit."""
     reward = torch.as_tensor(reward).detach().to(torch.get_default_dtype())  # cast first: 1e39 is inf in fp32
     if reward.shape != (batch,):
-        raise ValueError(f"reward_fn returned shape {tuple(reward.shape)}, expected [{batch}]")
+        raise ValueError(f"{where}reward_fn returned shape {tuple(reward.shape)}, expected [{batch}]")
     bad = (~torch.isfinite(reward)).nonzero().flatten().tolist()
     if bad:
-        raise ValueError(f"reward_fn returned non-finite values for samples {bad[:10]}: {reward[bad[:10]].tolist()}")
+        values = reward[bad[:10]].tolist()
+        raise ValueError(f"{where}reward_fn returned non-finite values for samples {bad[:10]}: {values}")
     return reward
 
 
 # === 6. The trainer: Algorithm 1 (roll out pi_old, reward, advantages, K clipped epochs, KL). ====
-# Under torchrun each rank rolls out its own groups; ranks share statistics and the mean gradient (docs/design.md).
+# Under torchrun each rank rolls out its own groups; the ranks share statistics and the mean gradient
+# (docs/design.md).
 
 
 @dataclass
@@ -660,8 +684,8 @@ class SEPOConfig:
     epochs: int = 2              # K gradient steps on each batch
     clip_eps: float = 0.2        # eps of the clipped objective
     kl_coef: float = 0.05        # alpha; with kl_target, its value while the KL is within the budget
-    kl_target: Optional[float] = None  # a KL budget: alpha = kl_coef + lambda holds the path KL at or below it (math §7)
-    kl_gain: float = 0.5         # kl_target: lambda += kl_gain * min(KL / kl_target - 1, 1) per iteration, lambda >= 0
+    kl_target: Optional[float] = None  # a KL budget delta: the path KL is held at or below it (math §7)
+    kl_gain: float = 0.5         # kl_target: lambda += kl_gain * min(KL / delta - 1, 1), lambda >= 0
     kl_steps: int = 10           # path KL over the last kl_steps sampler steps
     snis_samples: int = 4        # M latent paths per sample (SNIS ratio, grad="path")
     steps: int = 128             # T sampler steps
@@ -670,12 +694,16 @@ class SEPOConfig:
     baseline: str = "batch"      # ppo baseline: "batch" mean, "running" mean, or "group" (prompt) mean
     baseline_momentum: float = 0.9
     normalize_adv: bool = False  # ppo: whiten A over the batch, (A - mean) / std
-    grad: str = "pl"             # grad log pi (math §3-4): "pl" (T2, the paper's), "path" (M paths), "rollout"
-    ratio: str = "snis"          # pi_new / pi_old: "snis" over M forward paths (paper), "rollout" path
+    # grad log pi (math §3-4): "pl" (T2, the paper's), "path" (M paths) or "rollout"; importance ratio
+    # (math §5): "snis" over M forward paths (the paper's) or "rollout" path. None: by graph, the paper's
+    # pl / snis on the masked graph, rollout / rollout on the uniform one, where pl drifts (math §4)
+    grad: Optional[str] = None
+    ratio: Optional[str] = None
     path_steps: Optional[int] = None  # grad "path"/"rollout": transitions with gradient per path (None: all)
     pl_positions: int = 16       # grad "pl", masked graph: positions per sample
     t_eval: Optional[float] = None  # grad "pl": time of the score pass; None = 1 / steps
     max_grad_norm: float = 1.0
+    max_bad_iterations: int = 3  # step() raises after this many iterations in a row with a non-finite update
     kl_reference: str = "pretrained"  # or "previous": the policy at the start of each iteration
     chunk_size: int = 1024       # sequences per batched no-grad forward pass
     micro_batch: Optional[int] = None  # samples per gradient pass (None: all); the update does not change
@@ -684,24 +712,46 @@ class SEPOConfig:
 
     def __post_init__(self):
         for name, allowed in (("advantage", ("grpo", "ppo")), ("baseline", ("batch", "running", "group")),
-                              ("kl_reference", ("pretrained", "previous")), ("grad", ("pl", "path", "rollout")),
-                              ("ratio", ("snis", "rollout")), ("amp", ("none", "bf16"))):
+                              ("kl_reference", ("pretrained", "previous")), ("amp", ("none", "bf16")),
+                              ("grad", (None, "pl", "path", "rollout")),
+                              ("ratio", (None, "snis", "rollout"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("batch_size", "group_size", "epochs", "snis_samples", "steps", "pl_positions", "chunk_size",
-                     "micro_batch", "path_steps"):
+        for name in ("batch_size", "group_size", "epochs", "snis_samples", "steps", "pl_positions",
+                     "chunk_size", "micro_batch", "path_steps", "max_bad_iterations"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name, ok, rule in (("kl_steps", 0 <= self.kl_steps <= self.steps, f"in [0, steps={self.steps}]"),
-                               ("clip_eps", self.clip_eps > 0, "> 0"), ("max_grad_norm", self.max_grad_norm > 0, "> 0"),
-                               ("lr", self.lr >= 0, ">= 0"), ("kl_coef", self.kl_coef >= 0, ">= 0"),
-                               ("kl_target", self.kl_target is None or 0 < self.kl_target < math.inf, "None or > 0"),
-                               ("kl_gain", 0 < self.kl_gain < math.inf, "> 0"),
-                               ("kl_steps", self.kl_target is None or self.kl_steps > 0, ">= 1 with kl_target"),
-                               ("t_eval", self.t_eval is None or 0 < self.t_eval <= 1, "in (0, 1]"),
-                               ("baseline_momentum", 0 <= self.baseline_momentum <= 1, "in [0, 1]")):
+        rules = (("kl_steps", 0 <= self.kl_steps <= self.steps, f"in [0, steps={self.steps}]"),
+                 ("clip_eps", self.clip_eps > 0, "> 0"),
+                 ("max_grad_norm", self.max_grad_norm > 0, "> 0"),
+                 ("lr", self.lr >= 0, ">= 0"),
+                 ("kl_coef", self.kl_coef >= 0, ">= 0"),
+                 ("kl_target", self.kl_target is None or 0 < self.kl_target < math.inf, "None or > 0"),
+                 ("kl_gain", 0 < self.kl_gain < math.inf, "> 0"),
+                 ("kl_steps", self.kl_target is None or self.kl_steps > 0, ">= 1 with kl_target"),
+                 ("t_eval", self.t_eval is None or 0 < self.t_eval <= 1, "in (0, 1]"),
+                 ("baseline_momentum", 0 <= self.baseline_momentum <= 1, "in [0, 1]"))
+        for name, ok, rule in rules:
             if not ok:
                 raise ValueError(f"{name} must be {rule}, got {getattr(self, name)}")
+
+    def for_graph(self, graph: Graph) -> "SEPOConfig":
+        """This config with grad and ratio set where they are None: pl / snis (the paper's) on the masked
+        graph; rollout / rollout on the uniform one, where pl has no restoring force and diverges
+        (math §4)."""
+        masked = isinstance(graph, Masked)
+        return replace(self, grad=self.grad or ("pl" if masked else "rollout"),
+                       ratio=self.ratio or ("snis" if masked else "rollout"))
+
+
+def first_nonfinite(**named: Tensor) -> str:
+    """The name of the first tensor holding a NaN or an infinity, or ""."""
+    return next((name for name, t in named.items() if not torch.isfinite(t).all()), "")
+
+
+def _finite_mean(t: Tensor) -> float:
+    """The mean over the finite entries (NaN if there is none): statistics of an update that was skipped."""
+    return t[torch.isfinite(t)].mean().item()
 
 
 class SEPO:
@@ -711,48 +761,92 @@ class SEPO:
     generator) -> [num_prompts, Lp], optional, gives fixed prefixes; each is shared by the
     group_size samples of one group and is part of the sequences passed to reward_fn. The KL
     reference is a private copy of ref_model (default: of model), so the caller's model is never
-    changed; `model` itself is trained in place.
+    changed; `model` itself is trained in place. A non-finite loss or gradient never reaches the
+    weights: that update is skipped and counted (stats["skipped"]; `nonfinite` names the quantity), and
+    max_bad_iterations such iterations in a row raise FloatingPointError naming it and the iteration.
     """
 
     def __init__(self, model: nn.Module, graph: Graph, noise, reward_fn: Callable[[Tensor], Tensor],
                  length: int, cfg: Optional[SEPOConfig] = None, ref_model: Optional[nn.Module] = None,
                  prompt_fn: Optional[Callable[[int, torch.Generator], Tensor]] = None):
-        self.cfg = cfg = cfg or SEPOConfig()
-        self.model, self.graph, self.noise = model.eval(), graph, noise  # eval: no dropout, so r = 1 at epoch 0
+        self.cfg = cfg = (cfg or SEPOConfig()).for_graph(graph)
+        self.model = model.eval()  # eval: no dropout, so r = 1 at epoch 0
+        self.graph, self.noise = graph, noise
         self.reward_fn, self.length, self.prompt_fn = reward_fn, length, prompt_fn
-        self.ref_model = copy.deepcopy(ref_model if ref_model is not None else model).eval().requires_grad_(False)
+        ref = copy.deepcopy(ref_model if ref_model is not None else model)
+        self.ref_model = ref.eval().requires_grad_(False)
         self.opt, self.device = torch.optim.Adam(model.parameters(), lr=cfg.lr), _device(model)
         on = dist.is_available() and dist.is_initialized()  # torch.distributed, e.g. under torchrun
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
-        seed = cfg.seed + 10 ** 9 * self.rank  # every rank its own streams; rank 0 (and a process alone) cfg.seed's
-        self.gen, self.prompt_gen = torch.Generator(self.device).manual_seed(seed), torch.Generator().manual_seed(seed)
-        self.iteration, self.running_baseline, self.kl_coef = 0, None, cfg.kl_coef  # ppo "running" mean; alpha in use
-        for t in itertools.chain(model.state_dict().values(), self.ref_model.state_dict().values()) if self.world > 1 else ():
-            dist.broadcast(t, 0)  # every rank starts from rank 0's weights, as DDP does
+        seed = cfg.seed + 10 ** 9 * self.rank  # every rank its own streams; rank 0 those of cfg.seed
+        self.gen = torch.Generator(self.device).manual_seed(seed)
+        self.prompt_gen = torch.Generator().manual_seed(seed)
+        self.iteration = 0
+        self.running_baseline = None  # the ppo "running" mean
+        self.kl_coef = cfg.kl_coef  # alpha in use: kl_coef + lambda (math §7)
+        self.bad_streak = 0  # iterations in a row with a skipped update
+        self.nonfinite = ""  # what was not finite in the last iteration's skipped update ("": none)
+        if self.world > 1:  # every rank starts from rank 0's weights, as DDP does
+            for t in itertools.chain(model.state_dict().values(), self.ref_model.state_dict().values()):
+                dist.broadcast(t, 0)
 
-    def _all_ranks(self, obj) -> list:
-        """[obj of rank 0, obj of rank 1, ...] ([obj] alone): each rank's random streams, its statistics."""
-        objs = [obj] * self.world
-        if self.world > 1:
-            dist.all_gather_object(objs, obj)
-        return objs
+    def step(self) -> dict:
+        """One iteration of Algorithm 1; returns its statistics."""
+        cfg, model, graph, noise = self.cfg, self.model, self.graph, self.noise
+        B, tic = cfg.batch_size * cfg.group_size, time.perf_counter()  # B: this rank's samples
+        if cfg.kl_reference == "previous":
+            self.ref_model.load_state_dict(model.state_dict())
 
-    def _gather(self, x: Tensor) -> Tensor:
-        """x [..., B] of every rank, concatenated in rank order [..., world * B]: the global batch (x alone)."""
-        return torch.cat([part.to(x.device) for part in self._all_ranks(x.cpu())], -1)
+        # 1. Roll out pi_old (the current weights) and score the samples. The rollout ratio compares
+        #    fp32 passes with the rollout's own log-probability, so that rollout stays in fp32.
+        prefix = self._prefix()
+        n_fixed = 0 if prefix is None else prefix.shape[1]
+        with self._autocast(cfg.ratio != "rollout"):
+            roll = rollout(model, graph, noise, B, self.length, cfg.steps, cfg.corrector_steps, prefix,
+                           self.gen, keep_last=cfg.kl_steps, record="rollout" in (cfg.grad, cfg.ratio))
+        x = roll.x
+        reward = self.reward_fn(x.clone())  # a clone: reward_fn may edit it
+        reward = check_reward(reward, B, f"iteration {self.iteration + 1}: ").to(self.device)
+        adv = self._advantages(reward)
+        t_sample = time.perf_counter() - tic
 
-    def _advantages(self, reward: Tensor) -> Tensor:
-        cfg = self.cfg
-        if cfg.advantage == "grpo":
-            return grpo_advantages(reward, cfg.group_size)  # a group never spans ranks
-        reward, baseline = self._gather(reward), None  # the batch and running baselines and whitening: every rank's
-        if cfg.baseline == "group":  # Monte-Carlo value of the group's prompt; A = R - V(prompt)
-            baseline = _mean(reward.view(-1, cfg.group_size), 1).repeat_interleave(cfg.group_size)
-        elif cfg.baseline == "running":
-            m, mean = cfg.baseline_momentum, _mean(reward, 0).item()
-            baseline = self.running_baseline if self.running_baseline is not None else mean
-            self.running_baseline = baseline + (1 - m) * (mean - baseline)  # stays put on a constant reward
-        return ppo_advantages(reward, baseline, cfg.normalize_adv).view(self.world, -1)[self.rank]
+        # 2. M latent paths from the forward process (math §5), shared by old and new (common random
+        #    numbers): for the SNIS ratio of the epochs after the first, and for grad="path".
+        paths, logq, logp_old = self._latent_paths(x, n_fixed)
+
+        # 3. K epochs of the clipped objective. An update whose ratio, surrogate, KL or gradient is not
+        #    finite is skipped (math §6): the weights and the optimizer state stay as they were.
+        skipped, culprit = 0, ""
+        for epoch in range(cfg.epochs):
+            logp, log_ratio = self._log_ratio(epoch, roll, paths, logp_old, logq, n_fixed)
+            coef, clipped = clip_coefficients(log_ratio, adv, cfg.clip_eps)
+            psi_fn = self._surrogate(x, roll, paths, logp, logq, n_fixed)
+            loss, kl, bad = self._backward(coef, psi_fn, roll.states, n_fixed)
+            grad_norm, bad = self._update(first_nonfinite(ratio=log_ratio) or bad)
+            if bad:  # nothing was applied: the statistics say so with a zero loss and gradient
+                skipped += 1
+                culprit = culprit or bad
+                loss, grad_norm = 0.0, torch.zeros(())
+
+        # 4. The KL budget (math §7): back onto it if the update left it, then the multiplier's dual step.
+        shrink = self._project_to_budget(roll.states, n_fixed) if cfg.kl_target is not None else 1.0
+        reward, kl, clip, log_ratio = self._gather(torch.stack([reward, kl, clipped.to(reward), log_ratio]))
+        kl_coef = self.kl_coef
+        if cfg.kl_target is not None:
+            self._dual_step(_finite_mean(kl))
+        self.iteration += 1
+        self._count_bad(skipped, culprit)
+        ratio = log_ratio.clamp(-LOG_RATIO_MAX, LOG_RATIO_MAX).exp()
+        return {"iteration": self.iteration, "reward_mean": reward.mean().item(),
+                "reward_std": reward.std(unbiased=False).item(), "kl": _finite_mean(kl), "kl_coef": kl_coef,
+                "kl_shrink": shrink, "clip_frac": clip.mean().item(),
+                "loss": sum(self._all_ranks(loss)) / self.world, "ratio_mean": _finite_mean(ratio),
+                "ratio_max": ratio.nan_to_num(1.0).max().item(),
+                "ratio_min": ratio.nan_to_num(1.0).min().item(),
+                "grad_norm": float(grad_norm), "skipped": skipped, "time_sample": t_sample,
+                "time": time.perf_counter() - tic}
+
+    # --- the pieces of step(), in its order ---------------------------------------------------------------
 
     def _prefix(self) -> Optional[Tensor]:
         if self.prompt_fn is None:
@@ -763,83 +857,125 @@ class SEPO:
             raise ValueError(f"prompt_fn returned {tuple(prompts.shape)}, expected [{B}, Lp]")
         return prompts.repeat_interleave(self.cfg.group_size, 0)
 
-    def _autocast(self, on: bool = True):
-        bf16 = on and self.cfg.amp == "bf16"
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    def _advantages(self, reward: Tensor) -> Tensor:
+        cfg = self.cfg
+        if cfg.advantage == "grpo":
+            return grpo_advantages(reward, cfg.group_size)  # a group never spans ranks
+        reward, baseline = self._gather(reward), None  # batch and running baselines, whitening: every rank's
+        if cfg.baseline == "group":  # Monte-Carlo value of the group's prompt; A = R - V(prompt)
+            baseline = _mean(reward.view(-1, cfg.group_size), 1).repeat_interleave(cfg.group_size)
+        elif cfg.baseline == "running":
+            m, mean = cfg.baseline_momentum, _mean(reward, 0).item()
+            baseline = self.running_baseline if self.running_baseline is not None else mean
+            self.running_baseline = baseline + (1 - m) * (mean - baseline)  # stays put on a constant reward
+        return ppo_advantages(reward, baseline, cfg.normalize_adv).view(self.world, -1)[self.rank]
 
-    def step(self) -> dict:
-        """One iteration of Algorithm 1; returns its statistics."""
+    def _latent_paths(self, x: Tensor, n_fixed: int) -> tuple:
+        """(paths [B * M, T + 1, L], log p_fwd [B, M], log P_old [B, M]), or Nones where nothing needs
+        them."""
+        cfg, B, M = self.cfg, len(x), self.cfg.snis_samples
+        if not (cfg.grad == "path" or (cfg.ratio == "snis" and cfg.epochs > 1)):
+            return None, None, None
+        sigmabars = self.noise(time_grid(cfg.steps, self.device))[0]
+        paths = self.graph.sample_path(x.repeat_interleave(M, 0), sigmabars, n_fixed, self.gen)
+        logq = forward_path_log_prob(self.graph, self.noise, paths).view(B, M)
+        with torch.no_grad():
+            logp_old = path_log_prob(self.model, self.graph, self.noise, paths, n_fixed, cfg.chunk_size)
+        logp_old = logp_old.view(B, M)
+        return paths, logq, logp_old
+
+    @torch.no_grad()
+    def _log_ratio(self, epoch: int, roll: Rollout, paths, logp_old, logq, n_fixed: int) -> tuple:
+        """(log P_theta of the M paths or None, log r [B]): r = 1 at epoch 0, where theta == theta_old."""
         cfg, model, graph, noise = self.cfg, self.model, self.graph, self.noise
-        B, M, tic = cfg.batch_size * cfg.group_size, cfg.snis_samples, time.perf_counter()  # B: this rank's samples
-        if cfg.kl_reference == "previous":
-            self.ref_model.load_state_dict(model.state_dict())
+        if epoch == 0:
+            return logp_old, torch.zeros(len(roll.x), device=self.device, dtype=torch.get_default_dtype())
+        logp = None if paths is None else path_log_prob(model, graph, noise, paths, n_fixed, cfg.chunk_size)
+        logp = None if logp is None else logp.view(len(roll.x), -1)
+        if cfg.ratio == "snis":
+            return logp, snis_log_ratio(logp, logp_old, logq)
+        lp = path_log_prob(model, graph, noise, roll.path, n_fixed, cfg.chunk_size, cfg.corrector_steps)
+        return logp, lp - roll.log_prob
 
-        # 1. Roll out pi_old (the current weights) and score the samples. The rollout ratio compares
-        #    fp32 passes with the rollout's own log-probability, so that rollout stays in fp32.
-        prefix = self._prefix()
-        n_fixed = 0 if prefix is None else prefix.shape[1]
-        with self._autocast(cfg.ratio != "rollout"):
-            roll = rollout(model, graph, noise, B, self.length, cfg.steps, cfg.corrector_steps, prefix, self.gen,
-                           keep_last=cfg.kl_steps, record="rollout" in (cfg.grad, cfg.ratio))
-        x = roll.x
-        reward = check_reward(self.reward_fn(x.clone()), B).to(self.device)  # a clone: reward_fn may edit it
-        adv, t_sample = self._advantages(reward), time.perf_counter() - tic
+    def _backward(self, coef: Tensor, psi_fn: Callable[[slice], Tensor], states: Tensor,
+                  n_fixed: int) -> tuple[float, Tensor, str]:
+        """Back-propagate alpha * KL - mean_b coef_b psi_b micro-batch by micro-batch: the coefficients are
+        known before any gradient pass, so the gradient is the same (math §6).
+        -> (loss, KL [B], the first non-finite quantity or "")."""
+        cfg, B = self.cfg, len(coef)
+        self.opt.zero_grad(set_to_none=True)
+        loss, kls, bad = 0.0, [], ""
+        for i in range(0, B, cfg.micro_batch or B):
+            j = slice(i, i + (cfg.micro_batch or B))
+            with self._autocast():
+                psi = psi_fn(j)
+                kl = path_kl(self.model, self.ref_model, self.graph, self.noise, states[j], cfg.steps,
+                             n_fixed, cfg.chunk_size)
+            bad = bad or first_nonfinite(surrogate=psi, KL=kl)
+            part = (self.kl_coef * kl.sum() - (coef[j] * psi).sum()) / B
+            part.backward()
+            loss += part.item()
+            kls.append(kl.detach())
+        return loss, torch.cat(kls), bad
 
-        # 2. M latent paths from the forward process (math §5), shared by old and new (common random
-        #    numbers): for the SNIS ratio of the epochs after the first, and for grad="path".
-        paths = logq = logp_old = None
-        if cfg.grad == "path" or (cfg.ratio == "snis" and cfg.epochs > 1):
-            sigmabars = noise(time_grid(cfg.steps, self.device))[0]
-            paths = graph.sample_path(x.repeat_interleave(M, 0), sigmabars, n_fixed, self.gen)
-            logq = forward_path_log_prob(graph, noise, paths).view(B, M)
-            with torch.no_grad():
-                logp_old = path_log_prob(model, graph, noise, paths, n_fixed, cfg.chunk_size).view(B, M)
-
-        # 3. K epochs of the clipped objective, back-propagated micro-batch by micro-batch: the
-        #    per-sample coefficients are known before any gradient pass, so the update is the same.
-        for epoch in range(cfg.epochs):
-            logp, log_ratio = logp_old, torch.zeros_like(reward)  # epoch 0: theta == theta_old, r = 1
-            with torch.no_grad():
-                if epoch > 0 and paths is not None:
-                    logp = path_log_prob(model, graph, noise, paths, n_fixed, cfg.chunk_size).view(B, M)
-                if epoch > 0 and cfg.ratio == "snis":
-                    log_ratio = snis_log_ratio(logp, logp_old, logq)
-                elif epoch > 0:
-                    log_ratio = path_log_prob(model, graph, noise, roll.path, n_fixed, cfg.chunk_size,
-                                              cfg.corrector_steps) - roll.log_prob
-            coef, clipped = clip_coefficients(log_ratio, adv, cfg.clip_eps)
-            psi_fn = self._surrogate(x, roll, paths, logp, logq, n_fixed)
-            self.opt.zero_grad(set_to_none=True)
-            loss, kls = 0.0, []
-            for i in range(0, B, cfg.micro_batch or B):
-                j = slice(i, i + (cfg.micro_batch or B))
-                with self._autocast():
-                    psi = psi_fn(j)
-                    kl = path_kl(model, self.ref_model, graph, noise, roll.states[j], cfg.steps, n_fixed,
-                                 cfg.chunk_size)
-                part = (self.kl_coef * kl.sum() - (coef[j] * psi).sum()) / B
-                part.backward()
-                loss, kls = loss + part.item(), kls + [kl.detach()]
-            for p in [p for p in model.parameters() if p.requires_grad] if self.world > 1 else []:
-                p.grad = torch.zeros_like(p) if p.grad is None else p.grad  # the mean over ranks, as DDP: the
-                dist.all_reduce(p.grad)                                     # union batch's gradient
+    def _update(self, bad: str) -> tuple[Tensor, str]:
+        """Average the gradient over ranks, clip it and take the Adam step, unless something was not finite
+        on some rank; then no rank steps and the gradient is dropped. -> (gradient norm, non-finite)."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.world > 1:
+            for p in params:  # the mean over ranks, as DDP: the union batch's gradient
+                p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+                dist.all_reduce(p.grad)
                 p.grad /= self.world
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        grad_norm = nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        bad = next((b for b in self._all_ranks(bad or first_nonfinite(gradient=grad_norm)) if b), "")
+        if bad:
+            self.opt.zero_grad(set_to_none=True)
+        else:
             self.opt.step()
+        return grad_norm, bad
 
-        reward, kl, clip, log_ratio = self._gather(torch.stack([reward, torch.cat(kls), clipped.to(reward), log_ratio]))
-        ratio, kl_coef = log_ratio.exp(), self.kl_coef
-        if cfg.kl_target is not None:  # KL <= kl_target: projected dual ascent on its multiplier (math §7)
-            lam = self.kl_coef - cfg.kl_coef + cfg.kl_gain * min(kl.mean().item() / cfg.kl_target - 1, 1.0)
+    @torch.no_grad()
+    def _project_to_budget(self, states: Tensor, n_fixed: int) -> float:
+        """If the updated policy's path KL at this batch's states exceeds kl_target = delta, pull the weights
+        back along the segment to the reference: theta <- theta_ref + beta (theta - theta_ref), beta =
+        sqrt(delta / KL). The KL is quadratic near the reference, so this lands on the budget at once, where
+        the multiplier alone would react iterations late (math §7). -> beta (1: the weights are
+        untouched)."""
+        cfg = self.cfg
+        with self._autocast():
+            kl = path_kl(self.model, self.ref_model, self.graph, self.noise, states, cfg.steps, n_fixed,
+                         cfg.chunk_size)
+        kl = _finite_mean(self._gather(kl))
+        if not kl > cfg.kl_target:  # within the budget (or no finite estimate): nothing to do
+            return 1.0
+        beta = math.sqrt(cfg.kl_target / kl)
+        for p, p_ref in zip(self.model.parameters(), self.ref_model.parameters()):
+            p.lerp_(p_ref, 1 - beta)
+        return beta
+
+    def _dual_step(self, kl: float) -> None:
+        """Projected dual ascent on the multiplier lambda >= 0 of KL <= delta: alpha = kl_coef + lambda
+        (math §7)."""
+        cfg = self.cfg
+        if math.isfinite(kl):
+            lam = self.kl_coef - cfg.kl_coef + cfg.kl_gain * min(kl / cfg.kl_target - 1, 1.0)
             self.kl_coef = cfg.kl_coef + max(lam, 0.0)
-        self.iteration += 1
-        return {"iteration": self.iteration, "reward_mean": reward.mean().item(),
-                "reward_std": reward.std(unbiased=False).item(), "kl": kl.mean().item(), "kl_coef": kl_coef,
-                "clip_frac": clip.mean().item(), "loss": sum(self._all_ranks(loss)) / self.world,
-                "ratio_mean": ratio.mean().item(), "ratio_max": ratio.max().item(), "ratio_min": ratio.min().item(),
-                "grad_norm": float(grad_norm), "time_sample": t_sample, "time": time.perf_counter() - tic}
 
-    def _surrogate(self, x: Tensor, roll: Rollout, paths, logp, logq, n_fixed: int) -> Callable[[slice], Tensor]:
+    def _count_bad(self, skipped: int, culprit: str) -> None:
+        """Count iterations in a row with a skipped update; raise after max_bad_iterations of them."""
+        self.bad_streak = self.bad_streak + 1 if skipped else 0
+        self.nonfinite = culprit
+        n = self.bad_streak
+        if n >= self.cfg.max_bad_iterations:
+            raise FloatingPointError(
+                f"SEPO iteration {self.iteration}: non-finite {culprit} in {n} iterations in a row "
+                f"({self.iteration - n + 1} to {self.iteration}); their updates were skipped, so the model "
+                f"holds the weights of iteration {self.iteration - n}. Lower lr, or on the uniform graph use "
+                f"grad='rollout' (math §4, §6).")
+
+    def _surrogate(self, x: Tensor, roll: Rollout, paths, logp, logq,
+                   n_fixed: int) -> Callable[[slice], Tensor]:
         """psi restricted to a slice of the batch, grad psi_b estimating grad log pi_theta(x_b) (math §3-4).
         Its random draws are made here, for the whole batch, so the micro-batching cannot change them."""
         cfg, model, graph, noise = self.cfg, self.model, self.graph, self.noise
@@ -863,18 +999,43 @@ class SEPO:
             return (w[j] * (scale[rows] * lp).view(-1, k)).sum(1)
         return psi
 
+    # --- plumbing: precision, ranks, state --------------------------------------------------------------
+
+    def _autocast(self, on: bool = True):
+        bf16 = on and self.cfg.amp == "bf16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+    def _all_ranks(self, obj) -> list:
+        """[obj of rank 0, obj of rank 1, ...] ([obj] alone): each rank's random streams, its statistics."""
+        objs = [obj] * self.world
+        if self.world > 1:
+            dist.all_gather_object(objs, obj)
+        return objs
+
+    def _gather(self, x: Tensor) -> Tensor:
+        """x [..., B] of every rank, concatenated in rank order [..., world * B]: the global batch (alone:
+        x)."""
+        return torch.cat([part.to(x.device) for part in self._all_ranks(x.cpu())], -1)
+
     def state_dict(self) -> dict:
         """All an exact resume needs. Its tensors are live, as nn.Module's: save it before the next step().
-        Under a process group every rank must call it (it gathers each rank's random streams); rank 0 saves."""
+        Under a process group every rank must call it (it gathers each rank's random streams); rank 0
+        saves."""
+        streams = self._all_ranks((self.gen.get_state(), self.prompt_gen.get_state()))
         return {"model": self.model.state_dict(), "ref_model": self.ref_model.state_dict(),
                 "optimizer": self.opt.state_dict(), "iteration": self.iteration, "kl_coef": self.kl_coef,
-                "running_baseline": self.running_baseline, "cfg": asdict(self.cfg),
-                "generators": self._all_ranks((self.gen.get_state(), self.prompt_gen.get_state()))}
+                "running_baseline": self.running_baseline, "bad_streak": self.bad_streak,
+                "cfg": asdict(self.cfg), "generators": streams}
 
     def load_state_dict(self, sd: dict) -> None:
         if len(sd["generators"]) != self.world:
-            raise ValueError(f"the state is of {len(sd['generators'])} ranks: resume it on as many, not {self.world}")
+            raise ValueError(f"the state is of {len(sd['generators'])} ranks: resume it on as many, "
+                             f"not {self.world}")
         for key, obj in (("model", self.model), ("ref_model", self.ref_model), ("optimizer", self.opt)):
             obj.load_state_dict(sd[key])
-        self.iteration, self.running_baseline, self.kl_coef = sd["iteration"], sd["running_baseline"], sd["kl_coef"]
-        self.gen.set_state(sd["generators"][self.rank][0]), self.prompt_gen.set_state(sd["generators"][self.rank][1])
+        self.iteration, self.kl_coef = sd["iteration"], sd["kl_coef"]
+        self.running_baseline = sd["running_baseline"]
+        self.bad_streak = sd.get("bad_streak", 0)  # absent from states saved before it existed
+        gen_state, prompt_state = sd["generators"][self.rank]
+        self.gen.set_state(gen_state)
+        self.prompt_gen.set_state(prompt_state)

@@ -28,8 +28,8 @@ CASES = {  # no random draw after the rollout (no SNIS paths, every pl position)
         "masked", dict(grad="rollout", ratio="rollout", advantage="ppo", baseline="running", normalize_adv=True,
                        kl_coef=0.5, kl_target=1e-3, micro_batch=2), True),
 }
-STATS = ("reward_mean", "reward_std", "kl", "kl_coef", "clip_frac", "loss", "ratio_mean", "ratio_max", "ratio_min",
-         "grad_norm")
+STATS = ("reward_mean", "reward_std", "kl", "kl_coef", "kl_shrink", "clip_frac", "loss", "ratio_mean", "ratio_max",
+         "ratio_min", "grad_norm", "skipped")
 
 
 @pytest.fixture(autouse=True)
@@ -101,6 +101,8 @@ def test_two_ranks_equal_one_process_holding_their_union(tmp_path, monkeypatch, 
     for mine, theirs in zip(stats, ranks[0]["stats"]):
         for key in STATS:  # a sum over ranks instead of the mean doubles grad_norm and loss
             assert theirs[key] == pytest.approx(mine[key], rel=1e-6, abs=1e-12), key
+    if "KL budget" in case:  # the multiplier and the pull-back onto the budget, from the global batch's KL
+        assert any(s["kl_shrink"] < 1 for s in stats) and any(s["kl_coef"] > 0.5 for s in stats)
 
 
 @pytest.mark.slow

@@ -1,0 +1,207 @@
+"""What train_dna.py and train_text.py share: flags from a config dataclass, the device and torchrun set-up,
+checkpoints (atomic, keyed on their settings, resumed exactly), the training loop of the stages before SEPO,
+the SEPO loop with its progress lines, and the learning curves. docs/design.md says why this is one module
+rather than a copy in each driver. Each stage is cached in --out: a run that stops resumes where it was.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from models.safe_load import load_checkpoint
+
+RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun; alone: 0, 1
+
+
+# ---------------------------------------------------------------------------- flags
+def arg(default, help: str, choices: Optional[tuple] = None):
+    """A Config field that is also a command-line flag."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+def parse_config(config_cls, presets: dict, positive: tuple, argv: Optional[list[str]], description: str,
+                 types: Optional[dict] = None) -> tuple:
+    """Flags from the dataclass fields: an explicit flag wins over --preset, which wins over the field's default.
+    Numbers are checked now, not after pre-training (`not >=` also catches NaN). -> (config, flags given)."""
+    p = argparse.ArgumentParser(description=description)
+    for f in dataclasses.fields(config_cls):
+        if f.type == "bool":
+            kind = dict(action="store_true", default=None)
+        else:
+            kind = dict(type=(types or {}).get(f.name, type(f.default)), choices=f.metadata["choices"])
+        p.add_argument("--" + f.name.replace("_", "-"), help=f"{f.metadata['help']} (default: {f.default!r})", **kind)
+    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    cfg = config_cls(**{**presets[given.get("preset", "cpu")], **given})
+    for k, v in dataclasses.asdict(cfg).items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not (v > 0 if k in positive else v >= 0):
+            raise ValueError(f"--{k.replace('_', '-')} must be {'> 0' if k in positive else '>= 0'}, got {v}")
+    if cfg.batch % WORLD:
+        raise ValueError(f"--batch {cfg.batch} is the groups of all {WORLD} processes together: "
+                         f"make it divisible by {WORLD}")
+    return cfg, given
+
+
+# ---------------------------------------------------------------------------- device, processes, files
+def setup(cfg) -> torch.device:
+    """The device; under torchrun also the process group (NCCL and a GPU per process, or gloo on the CPU)."""
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if cfg.device == "auto" else cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if WORLD > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(hours=24))
+        if RANK:
+            sys.stdout = open(os.devnull, "w")
+    return device
+
+
+def rank0_first(stage: Callable, *args):
+    """stage(*args) on rank 0, then on the other ranks, which load what it cached in --out: each model trains once."""
+    out = stage(*args) if RANK == 0 else None
+    if WORLD > 1:
+        dist.barrier()
+    return stage(*args) if RANK else out
+
+
+def save_atomic(obj, path: str) -> None:
+    """Text or torch.save to a temporary file, then os.replace: a crash never leaves a half-written file."""
+    if RANK:  # rank 0 alone writes: the ranks hold the same models, and a SEPO state every rank's streams
+        return
+    if isinstance(obj, str):
+        Path(f"{path}.tmp").write_text(obj)
+    else:
+        torch.save(obj, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
+
+
+def load_ckpt(path: str, settings: dict) -> Optional[dict]:
+    """The checkpoint at path, or None; one made with other settings is an error, never a silent reuse. Read
+    as data (models/safe_load.py): nothing in a file in --out can run."""
+    ck = load_checkpoint(path) if os.path.exists(path) else None
+    diff = {k: (ck["settings"].get(k), v) for k, v in settings.items() if ck and ck["settings"].get(k) != v}
+    if diff:
+        raise ValueError(f"{path} was made with other settings {diff} (saved, requested); "
+                         f"use another --out or delete it")
+    return ck
+
+
+def fmt(d: dict) -> str:
+    return " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in d.items())
+
+
+# ---------------------------------------------------------------------------- training loops
+def train_loop(name: str, model: nn.Module, loss_fn: Callable[[Tensor, torch.Generator], Tensor], n: int,
+               steps: int, batch: int, lr: float, path: str, settings: dict, seed: int, every: int = 0,
+               val_fn: Callable[[], dict] = dict) -> dict:
+    """AdamW + cosine decay on random minibatches of indices [0, n); a checkpoint every `every` steps and at
+    the end, and an exact resume from it. -> metrics: the smoothed training loss and val_fn's."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)  # the minibatch indices
+    mgen = torch.Generator(device).manual_seed(seed + 1)  # the loss's own draws (noise levels, masks)
+    step, run, metrics, tic = 0, 0.0, {}, time.perf_counter()
+    ck = load_ckpt(path, settings)
+    if ck is not None:
+        model.load_state_dict(ck["model"])
+        if ck["step"] == steps:  # finished; validation re-measured: a cached model is judged on this code's sets
+            metrics = {**ck["metrics"], **val_fn()}
+            print(f"[{name}] cached in {path}: {fmt(metrics)}")
+            return metrics
+        opt.load_state_dict(ck["opt"])
+        sched.load_state_dict(ck["sched"])
+        gen.set_state(ck["gen"])
+        mgen.set_state(ck["mgen"])
+        step, run = ck["step"], ck["run"]  # run: the smoothed loss goes on where it was
+        print(f"[{name}] resuming at step {step}/{steps}")
+    while step < steps:
+        model.train()
+        loss = loss_fn(torch.randint(n, (batch,), generator=gen).to(device), mgen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        run = loss.item() if step == 0 else 0.98 * run + 0.02 * loss.item()
+        step += 1
+        if step == steps or (every and step % every == 0):
+            metrics = {"train_loss": run, "step": step, **val_fn()}
+            print(f"[{name}] step {step}/{steps} {fmt(metrics)} ({time.perf_counter() - tic:.0f}s)", flush=True)
+            state = dict(settings=settings, model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
+                         gen=gen.get_state(), mgen=mgen.get_state(), step=step, run=run, metrics=metrics)
+            save_atomic(state, path)
+    return metrics
+
+
+def progress_line(tag: str, s: dict, iters: int, nonfinite: str = "") -> str:
+    """One line per SEPO iteration: reward, path KL, the KL weight in use, clipping, ratios, time."""
+    line = (f"[{tag}] it {s['iteration']}/{iters} reward {s['reward_mean']:+.3f}±{s['reward_std']:.3f} "
+            f"kl {s['kl']:.4f} alpha {s['kl_coef']:.3g} clip {s['clip_frac']:.2f} "
+            f"ratio {s['ratio_mean']:.3f} (max {s['ratio_max']:.2f}) {s['time']:.1f}s")
+    if s.get("kl_shrink", 1.0) < 1.0:
+        line += f" budget: weights pulled back x{s['kl_shrink']:.3f}"
+    if s.get("skipped"):
+        line += f" SKIPPED {s['skipped']} update(s): non-finite {nonfinite}"
+    return line
+
+
+def train_sepo(trainer, tag: str, path: str, settings: dict, iters: int, every: int,
+               probe: Optional[Callable[[nn.Module], dict]] = None) -> tuple[list, list]:
+    """sepo.SEPO for `iters` iterations, resumed exactly from its checkpoint at path; a progress line per
+    iteration, a checkpoint (and probe(model), the evaluation metrics of the trade-off plot) every `every`
+    iterations and at the end. A larger --iters goes on from a finished run. -> (history, probes)"""
+    ck, history, probes = load_ckpt(path, settings), [], []
+    if ck is not None:
+        if len(ck["history"]) > iters:
+            raise ValueError(f"{path} holds {len(ck['history'])} iterations, more than --iters {iters}; "
+                             f"use another --out")
+        trainer.load_state_dict(ck["trainer"])
+        history = ck["history"]
+        # keep the every-`every` probes (and this run's last): an earlier, shorter run also probed its last
+        probes = [p for p in ck["probes"] if p["iteration"] % every == 0 or p["iteration"] == iters]
+        print(f"[{tag}] {'cached' if len(history) >= iters else 'resuming'}: {path} ({len(history)} iterations)")
+    while len(history) < iters:
+        s = trainer.step()
+        history.append(s)
+        print(progress_line(tag, s, iters, trainer.nonfinite), flush=True)
+        if len(history) % every == 0 or len(history) == iters:
+            if probe is not None:
+                probes.append({"iteration": len(history), **probe(trainer.model)})
+            state = {"settings": settings, "trainer": trainer.state_dict(), "history": history, "probes": probes}
+            save_atomic(state, path)
+    return history, probes
+
+
+def save_curves(runs: dict, path: str) -> None:
+    """Reward, path KL and clip fraction per SEPO iteration, one line per run ({name: history})."""
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
+    fig = Figure(figsize=(12, 3.2))
+    panels = {"reward_mean": "mean reward R(x)", "kl": "path KL to the pre-trained model", "clip_frac": "clip fraction"}
+    for ax, (key, title) in zip(fig.subplots(1, 3), panels.items()):
+        for name, history in runs.items():
+            ax.plot([s[key] for s in history], label=name)
+        ax.set(title=title, xlabel="SEPO iteration")
+        if len(runs) > 1:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def peak_gib(device: torch.device) -> float:
+    """Peak GPU memory since the last reset, in GiB (NaN on a CPU)."""
+    return torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
