@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import sepo
+import train_common
 from test_sepo import count_threes, make, small_cfg, two_token_prompts
 
 WORLD = 2
@@ -181,7 +182,9 @@ def test_a_two_rank_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path,
 @pytest.mark.parametrize("driver", ["train_dna", "train_text"])
 def test_a_global_batch_not_divisible_by_the_processes_is_an_error_before_any_work(tmp_path, monkeypatch, driver):
     module = __import__(driver)
-    monkeypatch.setattr(module, "WORLD", 2)  # as torchrun --nproc_per_node 2 sets it
-    with pytest.raises(ValueError, match="--batch 3 is the groups of all 2 processes together: make it divisible by 2"):
+    for where in (module, train_common):  # as torchrun --nproc_per_node 2 sets it
+        monkeypatch.setattr(where, "WORLD", 2)
+    with pytest.raises(ValueError, match="--batch 3 is the groups of all 2 processes together: "
+                                         "make it divisible by 2"):
         module.main(["--batch", "3", "--out", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()

@@ -1,5 +1,6 @@
 """Tests of train_dna.py: data validators, the chromosome split, each metric against a hand
-computation, and the whole pipeline at toy size (cached, resumable, reproducible). CPU, seconds."""
+computation, the whole pipeline at toy size (cached, resumable, reproducible), and the --drakes run on a
+stand-in DRAKES release written by test_drakes_models.write_drakes_release. CPU, seconds."""
 import gzip
 import hashlib
 import shutil
@@ -498,11 +499,10 @@ def test_bad_settings_fail_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("driver", ["train_dna", "train_text"])  # each driver has its own copy
-def test_train_loop_resumes_exactly_metrics_included(tmp_path, driver):
-    """Interrupted after its step-2 checkpoint and run again, train_loop ends where a straight run does:
-    the same weights and the same smoothed training loss."""
-    train_loop = importlib.import_module(driver).train_loop
+def test_train_loop_resumes_exactly_metrics_included(tmp_path):
+    """Interrupted after its step-2 checkpoint and run again, train_loop (train_common's, which the driver
+    uses) ends where a straight run does: the same weights and the same smoothed training loss."""
+    train_loop = T.train_loop
     x, y = torch.randn(64, 3, generator=torch.Generator().manual_seed(0)), torch.randn(64)
 
     def fit(folder, stop_at=None):
@@ -571,3 +571,179 @@ def test_a_seeded_run_is_bit_identical_twice_and_resumed(tmp_path, toy_data, dri
             rows["a"] if driver == "train_dna" else rows["a"]["rows"])
         for f in outputs:
             assert (tmp_path / other / f).read_text() == (tmp_path / "a" / f).read_text(), (other, f)
+
+
+# ---------------------------------------------------------------------------- the default run's networks
+
+
+def test_default_networks_keep_the_state_dict_keys_of_cached_checkpoints():
+    """models/dna.py holds the networks train_dna.py used to define: renaming a submodule would orphan the
+    pretrain.pt / oracle checkpoints earlier runs cached in --out."""
+    from models.dna import AccessibilityCNN, DilatedCNNDenoiser, EnformerOracle
+    per_layer = [f"{m}.{i}.{p}" for m in ("norms", "convs") for i in range(5) for p in ("weight", "bias")]
+    want = ["embed.weight", "time.0.weight", "time.0.bias", "time.2.weight", "time.2.bias", *per_layer,
+            "out.weight", "out.bias"]
+    assert sorted(DilatedCNNDenoiser(8, 1).state_dict()) == sorted(want)
+    convs_and_linear = [f"net.{i}.{p}" for i in (0, 3, 6, 11) for p in ("weight", "bias")]
+    assert list(AccessibilityCNN().state_dict()) == convs_and_linear
+    keys = list(EnformerOracle(4, 12, 1, 2, 3).state_dict())
+    assert keys[-2:] == ["head.weight", "head.bias"] and all(k.startswith("trunk.") for k in keys[:-2])
+
+
+def test_grad_and_ratio_auto_leave_the_choice_to_sepo():
+    cfg = T.sepo_config(T.parse_args(["--grad", "auto", "--ratio", "auto"]), 0)
+    assert (cfg.grad, cfg.ratio) == (None, None)
+    resolved = cfg.for_graph(T.GRAPH)
+    assert (resolved.grad, resolved.ratio) == ("pl", "snis")  # the masked graph's: the paper's
+    assert (T.Config().grad, T.Config().ratio) == ("pl", "snis")  # the default run's, unchanged
+
+
+# ---------------------------------------------------------------------------- --drakes: the DRAKES release
+
+DRAKES_TINY = ["--threads", "1", "--iters", "2", "--batch", "2", "--group", "2", "--steps", "3", "--kl-steps",
+               "2", "--pl-positions", "2", "--ckpt-every", "1", "--n-eval", "6", "--eval-steps", "4"]
+ROWS = {"Pre-trained": "pre-trained", "DRAKES (finetuned.ckpt)": "drakes",
+        "DRAKES without KL (zero_alpha.ckpt)": "drakes_without_kl", "SEPO": "sepo",
+        "SEPO with GF": "sepo_with_gf", "Best-of-3 (ft oracle)": "best-of-3"}  # row: its samples file
+# best-of-N at SEPO's sampling budget: N = 1 + ceil(iters * batch * group / n_eval) = 1 + ceil(8 / 6) = 3
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    from test_drakes_models import write_drakes_release
+    base = tmp_path_factory.mktemp("release")
+    return base, write_drakes_release(base)
+
+
+def drakes_run(release_dir, out, *extra):
+    return T.main(["--drakes", str(release_dir), "--out", str(out), *DRAKES_TINY, *extra])
+
+
+def read_samples(path) -> torch.Tensor:
+    return D.encode_sequences(path.read_text().split(), length=D.SEQ_LEN)
+
+
+@pytest.mark.slow
+def test_drakes_run_is_drakes_protocol_end_to_end_and_resumes(release, tmp_path, capsys):
+    """The whole --drakes run on a stand-in release: every row in the table and the published block below
+    it; each row's scores are DrakesScorer's on the saved samples, which are DRAKES's sampler's draws of the
+    models (the SEPO rows of the checkpointed weights; best-of-N the fine-tuning oracle's pick of seeds
+    0..2). A run interrupted after one iteration and resumed writes the same table."""
+    from data import drakes as DR
+    from models.drakes import CNNModel, load_drakes_mdlm, load_grelu_oracle
+    base, files = release
+    res = drakes_run(base, tmp_path / "a")
+    log = capsys.readouterr().out
+    assert "tasks ['GM12878', 'HepG2'" in log and "ATAC-Acc reads column 1 (HepG2)" in log  # the task names
+    assert "train_n_seqs" in log and "grelu-1.0.2" in log and log.count("[release] ") >= 8
+    table = (tmp_path / "a" / "results_drakes.md").read_text()
+    assert list(res) == list(ROWS) and all(f"| {row} | " in table for row in ROWS)
+    own, published = table.split("Published numbers (not computed by this run")
+    assert "| Model | Pred-Activity | ATAC-Acc % | 3-mer Pearson | JASPAR Spearman | App-Log-Lik |" in own
+    assert "trained on the fine-tuning oracle (DRAKES's protocol)" in own and "column 1 (HepG2)" in own
+    assert "Published: DRAKES eval.ipynb" in published and "| DRAKES w/o KL | 6.434 | 81.25 |" in published
+    saved = json.loads((tmp_path / "a" / "results_drakes.json").read_text())
+    assert [h["iteration"] for h in saved["runs"]["SEPO with GF"]["history"]] == [1, 2]
+    # the rows, recomputed from the release's files by data/drakes.py and models/drakes.py directly
+    pretrained, oracle = load_drakes_mdlm(files["pretrained"]), load_grelu_oracle(files["ft_oracle"])
+    eval_oracle, atac = load_grelu_oracle(files["eval_oracle"]), load_grelu_oracle(files["atac"])
+    reference = DR.load_reference(str(files["data"]))
+    scorer = DR.DrakesScorer(pretrained, eval_oracle, atac, reference, atac_column=1, steps=4)
+    samples = {row: read_samples(tmp_path / "a" / f"samples_{tag}.txt") for row, tag in ROWS.items()}
+    for row, x in samples.items():
+        assert saved["rows"][row] == pytest.approx(scorer(x), rel=0, abs=0, nan_ok=True), row
+    pool = torch.stack([DR.drakes_sample(pretrained, 6, 4, seed=s) for s in range(3)])
+    pick = DR.oracle_predictions(oracle, pool.flatten(0, 1))[:, 0].view(3, 6).argmax(0)
+    assert samples["Pre-trained"].equal(pool[0])
+    assert samples["Best-of-3 (ft oracle)"].equal(pool[pick, range(6)])
+    assert samples["DRAKES (finetuned.ckpt)"].equal(DR.drakes_sample(load_drakes_mdlm(files["drakes"]), 6, 4))
+    for row, ckpt, gf in (("SEPO", "sepo.pt", 0), ("SEPO with GF", "sepo_gf.pt", 1)):
+        model = CNNModel(16, 1)
+        model.load_state_dict(torch.load(tmp_path / "a" / ckpt, weights_only=True)["trainer"]["model"])
+        assert samples[row].equal(DR.drakes_sample(model, 6, 4, corrector_steps=gf)), row
+    # interrupted after one SEPO iteration, then resumed: the same table
+    drakes_run(base, tmp_path / "b", "--iters", "1")
+    assert drakes_run(base, tmp_path / "b", "--iters", "2") == res == drakes_run(base, tmp_path / "a")
+    log = capsys.readouterr().out
+    assert "[sepo] resuming: " in log and "[sepo] cached: " in log and "[sepo] it 2/2" in log
+
+
+@pytest.mark.slow
+def test_drakes_reward_oracle_eval_atac_column_and_absent_rows(tmp_path, capsys):
+    """--reward-oracle eval trains on the evaluation oracle (the SEPO reference code's choice) and says so;
+    --atac-column picks the column ATAC-Acc reads (the stand-in's column 5 is below 0.5 for every sequence,
+    its columns 0-4 above); without zero_alpha.ckpt there is no row for it."""
+    from test_drakes_models import write_drakes_release
+    files = write_drakes_release(tmp_path / "rel", zero_alpha=False)
+    res = drakes_run(tmp_path / "rel", tmp_path / "out", "--reward-oracle", "eval", "--corrector-steps", "0",
+                     "--atac-column", "5")
+    assert list(res) == ["Pre-trained", "DRAKES (finetuned.ckpt)", "SEPO", "Best-of-3 (eval oracle)"]
+    assert [r["ATAC-Acc %"] for r in res.values()] == [0.0] * 4
+    assert "WARNING: column 5 is not named HepG2" in capsys.readouterr().out
+    table = (tmp_path / "out" / "results_drakes.md").read_text()
+    assert "trained on the evaluation oracle (as the SEPO reference code)" in table
+    assert "column 5 (A549)" in table and "zero_alpha" not in table
+    settings = torch.load(tmp_path / "out" / "sepo.pt", weights_only=True)["settings"]
+    assert settings["reward_oracle"] == "eval" and settings["reward_sha256"] == T.sha256(files["eval_oracle"])
+
+
+def test_drakes_missing_files_are_one_error_before_any_work(tmp_path, monkeypatch):
+    from test_drakes_models import write_drakes_release
+    files = write_drakes_release(tmp_path / "rel", zero_alpha=False, atac=False)
+    os.remove(files["eval_oracle"])
+    monkeypatch.setattr(T, "load_release_networks", lambda *a, **k: pytest.fail("a network was loaded"))
+    missing = r"2 file\(s\) missing:\n  eval_oracle: .*_eval.ckpt: the evaluation oracle.*\n  atac: .*_atac_"
+    with pytest.raises(FileNotFoundError, match=missing):
+        drakes_run(tmp_path / "rel", tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match=r"atac: .*nowhere.ckpt \(override\)"):  # the flag's path
+        drakes_run(tmp_path / "rel", tmp_path / "out", "--drakes-atac", str(tmp_path / "nowhere.ckpt"),
+                   "--drakes-eval-oracle", str(files["ft_oracle"]))
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_drakes_checks_its_flags_and_the_atac_column_before_any_work(release, tmp_path):
+    base, _ = release
+    with pytest.raises(ValueError, match="--data is the default run's table; the DRAKES run reads --drakes-"):
+        T.parse_args(["--drakes", str(base), "--data", "x.csv"])
+    with pytest.raises(ValueError, match=r"--atac-column 7: .*atac_cell_lines.ckpt has 7 columns \['GM"):
+        drakes_run(base, tmp_path / "out", "--atac-column", "7")
+    assert not (tmp_path / "out").exists()
+
+
+def test_drakes_paper_preset_is_the_sepo_reference_trainers():
+    c = T.parse_args(["--drakes", "DIR", "--preset", "paper"])
+    settings = (c.iters, c.lr, c.batch, c.group, c.epochs, c.clip_eps, c.snis, c.steps, c.kl_coef, c.kl_steps)
+    assert settings == (1000, 1e-4, 16, 8, 5, 0.2, 2, 128, 1e-4, 50)
+    assert (c.micro_batch, c.eval_steps, c.n_eval, c.atac_column, c.reward_oracle, c.out) == \
+        (16, 128, 640, 1, "ft", "runs/drakes")
+    assert T.sepo_config(c, 0).max_grad_norm == 1.0
+    assert T.parse_args(["--drakes-pretrained", "p.ckpt"]).release and not T.parse_args([]).release
+    assert T.parse_args(["--preset", "paper"]).kl_coef == 0.05  # the default run's paper preset is its own
+
+
+def test_drakes_bench_times_the_release_networks(release, capsys):
+    base, _ = release
+    out = T.main(["--drakes", str(base), "--bench", *DRAKES_TINY, "--grad", "auto", "--ratio", "auto"])
+    log = capsys.readouterr().out
+    assert set(out) == {"step_s_gf0", "step_s_gf1"} and "random weights" not in log
+    assert log.count("0.01M-parameter denoiser") == 2 and "grad pl, ratio snis" in log  # the stand-in's CNN
+
+
+def test_release_networks_are_described_with_what_their_files_say(release, tmp_path):
+    """describe() prints the layout, tasks and train_n_seqs (which half of the data trained an oracle) of a
+    gReLU checkpoint in either layout, and what a Lightning pretrained.ckpt says about its run."""
+    from models.drakes import describe
+    from models.drakes import load_drakes_mdlm, load_grelu_oracle
+    _, files = release
+    ckpt = torch.load(files["ft_oracle"], weights_only=True)
+    ckpt["hyper_parameters"]["data_params"]["train_n_seqs"] = 367578
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    ckpt["data_params"] = ckpt["hyper_parameters"].pop("data_params")
+    ckpt["data_params"]["train_n_seqs"] = 305113
+    torch.save(ckpt, tmp_path / "new.ckpt")
+    old, new = (describe(load_grelu_oracle(tmp_path / f)) for f in ("old.ckpt", "new.ckpt"))
+    assert "gReLU grelu-1.0.2 regression, tasks ['hepg2', 'k562', 'sknsh']" in old
+    assert "train_n_seqs 367578" in old
+    assert "gReLU grelu>=1.0.5 regression" in new and "train_n_seqs 305113" in new
+    text = describe(load_drakes_mdlm(files["pretrained"]))
+    assert "DRAKES CNN (lightning), hidden 16, 1 stacks" in text and "global_step 3" in text

@@ -293,7 +293,7 @@ def test_pipeline_smoke_and_resume(tmp_path, capsys):
     assert 0 <= res["info"]["accuracy_data"] <= 1 and 0 <= res["info"]["accuracy_samples"] <= 1
     assert res["examples"] and all(e["prompt"].endswith("[A]") for e in res["examples"])
     log = capsys.readouterr().out
-    assert "[sepo] iter 2/2 reward" in log and "KL" in log and "clip" in log
+    assert "[sepo] it 2/2 reward" in log and " kl " in log and "clip" in log
     # docs/text_tradeoff.py: the figure and table over runs, from the runs' results files
     path = os.path.join(os.path.dirname(__file__), "docs", "text_tradeoff.py")
     spec = importlib.util.spec_from_file_location("text_tradeoff", path)
@@ -321,7 +321,7 @@ def test_pipeline_smoke_and_resume(tmp_path, capsys):
     T.main([*TINY, "--out", out, "--iters", "3"])
     log = capsys.readouterr().out
     assert "[pretrain] cached" in log and "[reward] cached" in log and "gold-labelled" not in log
-    assert "[sepo] resuming" in log and "iter 3/3" in log and "iter 1/3" not in log
+    assert "[sepo] resuming" in log and "it 3/3" in log and "it 1/3" not in log
     # a stage made with other settings is refused, not silently reused
     with pytest.raises(ValueError, match="other settings"):
         T.main([*TINY, "--out", out, "--d-model", "48"])
@@ -450,7 +450,7 @@ def test_distinct_n_of_rows_with_one_and_many_responses_per_prompt_compare(tmp_p
     torch.manual_seed(0)
     graph, noise, pre = T.make_diffusion(cfg, d.tok.get_vocab_size(), "cpu")
     rm = T.RewardModel(d.tok.get_vocab_size(), cfg.prompt_len + cfg.response_len, 16, 1, 2).eval()
-    rows, _, _ = T.evaluate(cfg, d, graph, noise, pre.eval(), pre, rm)
+    rows, _, _, _ = T.evaluate(cfg, d, graph, noise, pre.eval(), pre, rm)
     assert [r["n"] for r in rows] == [3 * rows[2]["n"]] * 2 + [rows[2]["n"]]
     for r in rows[:2]:  # before: 1/3 of the data row's distinct-1, for the same texts
         assert (r["distinct_1"], r["distinct_2"]) == pytest.approx((rows[2]["distinct_1"], rows[2]["distinct_2"]))
@@ -477,3 +477,241 @@ def test_a_refused_run_leaves_the_folders_tokenizer_alone(tmp_path, monkeypatch)
     settings = torch.load(os.path.join(out, "pretrain.pt"), weights_only=False)["settings"]
     assert hashlib.sha256(Tokenizer.from_file(str(folder_tok)).to_str().encode()).hexdigest()[:16] == \
         settings["tokenizer_sha256"]
+
+
+# ---------------------------------------------------------------------------- the SEDD path (--sedd)
+from models import gpt2 as G  # noqa: E402
+from models.text import TextReward, end_at_eot, load_networks, load_policy  # noqa: E402
+from test_sedd import write_sedd_standin  # noqa: E402
+from test_text_models import (minchatgpt_state, write_causal_lm, write_hf_reward_model,  # noqa: E402
+                              write_minchatgpt_checkpoint)
+
+TINY_SEDD = ["--threads", "1", "--prompt-len", "24", "--response-len", "8", "--rm-d-model", "32",
+             "--rm-layers", "1", "--rm-heads", "2", "--rm-epochs", "0.5", "--rm-batch", "16", "--steps", "4",
+             "--iters", "2", "--batch", "2", "--group", "2", "--epochs", "2", "--kl-steps", "2",
+             "--snis", "2",
+             "--pl-positions", "4", "--ckpt-every", "1", "--eval-prompts", "4", "--eval-samples", "2",
+             "--elbo-t", "2", "--micro-batch", "2", "--chunk-size", "8", "--eval-batch", "8", "--lr", "1e-3"]
+
+
+@pytest.fixture(scope="module")
+def sedd_files(tmp_path_factory):
+    """A SEDD stand-in in the hub layout, a small HH-RLHF file with short prompts, and a reward model of each
+    format: transformers (also a second one, the judge), minChatGPT (LoRA, width 64: 4 heads; a block of 64
+    tokens, not 1024, for speed), and a causal LM."""
+    root = tmp_path_factory.mktemp("sedd_path")
+    rng = np.random.default_rng(0)
+    reply = lambda start: start + " ".join(rng.choice(["good", "fine", "thanks", "sorry", "bad", "great"], 3))
+    ask = lambda i: [("Human", f"question {i}?")]
+    pairs = [{"chosen": D.to_hh(ask(i), reply("sure, ")), "rejected": D.to_hh(ask(i), reply("no. "))}
+             for i in range(40)]
+    lines = [json.dumps(p) for p in pairs]
+    write_jsonl(root / "hh.jsonl", lines)
+    return {"sedd": str(write_sedd_standin(root / "sedd")), "data": str(root / "hh.jsonl"),
+            "transformers": write_hf_reward_model(str(root / "hf_rm")),
+            "judge": write_hf_reward_model(str(root / "hf_judge"), seed=1),
+            "minchatgpt": write_minchatgpt_checkpoint(str(root / "rm_final.pt"), minchatgpt_state(block=64)),
+            "lm": write_causal_lm(str(root / "lm"))}
+
+
+def sedd_run(files, out, *flags):
+    return T.main(["--sedd", files["sedd"], "--data", files["data"], *TINY_SEDD, "--out", str(out), *flags])
+
+
+REWARD_FLAGS = {"transformers": lambda f: ["--reward-model", f["transformers"]],
+                "minchatgpt": lambda f: ["--reward-model", f["minchatgpt"], "--lora-merges", "1",
+                                         "--reward-heads", "4"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["transformers", "minchatgpt"])
+def test_a_sedd_run_with_a_given_reward_model_scores_its_saved_samples(tmp_path, sedd_files, fmt):
+    """A whole --sedd run on the stand-in, its reward model of each format, a judge and a perplexity LM: the
+    table's RM score is sigmoid(the reward model's own score) of the saved samples, the judge column the
+    judge's own score of them, and the generative perplexity SEDD's protocol on them (models/gpt2.py,
+    loaded independently)."""
+    res = sedd_run(sedd_files, tmp_path / fmt, *REWARD_FLAGS[fmt](sedd_files), "--judge", sedd_files["judge"],
+                   "--ppl-model", sedd_files["lm"])
+    samples = torch.load(tmp_path / fmt / "samples_steps4.pt", weights_only=True)
+    table = (tmp_path / fmt / "results_steps4.md").read_text()
+    rm = G.load_reward_model(*REWARD_FLAGS[fmt](sedd_files)[1:2], **({"lora_merges": 1, "n_heads": 4}
+                                                                     if fmt == "minchatgpt" else {}))
+    judge, lm = G.load_reward_model(sedd_files["judge"]), G.load_causal_lm(sedd_files["lm"])
+    names = {"pre-trained", "SEPO (4 steps)", "chosen replies (data)"}
+    assert set(samples) == {r["model"] for r in res["rows"]} == names
+    for row in res["rows"]:
+        x = samples[row["model"]]
+        assert row["rm_score"] == pytest.approx(torch.sigmoid(rm(x)).mean().item(), rel=1e-6)
+        assert row["gold_mean"] == pytest.approx(judge(x).mean().item(), rel=1e-6)
+        ppl = G.generative_perplexity(lm, x, prompt_len=24, until_eot=True)[0]
+        assert row["gen_perplexity"] == pytest.approx(ppl)
+        assert f"| {row['model']} | {len(x)} | {row['rm_score']:.3f} | {row['gold_mean']:.3f} |" in table
+        eot = (x[:, 24:] == D.EOT).int().cumsum(1) > 0
+        assert (x[:, 24:][eot] == D.EOT).all()  # read up to the first EOT: nothing after it but EOT
+    assert f"judge {sedd_files['judge']} win rate" in table and "not GPT-2 large" in table
+    assert f"generative perplexity ({sedd_files['lm']})" in table
+    assert res["info"]["data"]["reward_sha256"] and 0 <= res["info"]["accuracy_data"] <= 1
+
+
+@pytest.mark.slow
+def test_a_sedd_run_trains_our_reward_model_and_its_checkpoint_reproduces_the_run(tmp_path, sedd_files,
+                                                                                    capsys):
+    """Without --reward-model the run trains ours on the pairs (GPT-2 ids, EOT the pad); given back as
+    --reward-model, that checkpoint (format c) gives the same SEPO iterations and the same table. Then
+    resume."""
+    own = sedd_run(sedd_files, tmp_path / "own")
+    for f in ["reward_model_steps4.pt", "sepo_steps4.pt", "samples_steps4.pt", "results_steps4.md",
+              "curves_steps4.png"]:
+        assert (tmp_path / "own" / f).exists(), f
+    assert "pretrain.pt" not in os.listdir(tmp_path / "own") and own["info"]["data"]["pairs"] == 40
+    path = str(tmp_path / "own" / "reward_model_steps4.pt")
+    rm = G.load_reward_model(path)
+    x = torch.load(tmp_path / "own" / "samples_steps4.pt", weights_only=True)["SEPO (4 steps)"]
+    assert rm.format == "sepo" and rm.pad_id == D.EOT
+    assert own["rows"][1]["rm_score"] == pytest.approx(torch.sigmoid(rm(x)).mean().item(), rel=1e-6)
+    given = sedd_run(sedd_files, tmp_path / "given", "--reward-model", path)
+    strip = lambda h: [{k: v for k, v in s.items() if not k.startswith("time")} for s in h]
+    assert strip(given["history"]) == strip(own["history"]) and given["rows"] == own["rows"]
+    capsys.readouterr()
+    sedd_run(sedd_files, tmp_path / "own", "--iters", "3")
+    log = capsys.readouterr().out
+    assert "[reward] cached" in log and "[sepo] resuming" in log and "it 3/3" in log and "it 1/3" not in log
+    with pytest.raises(ValueError, match="other settings"):
+        sedd_run(sedd_files, tmp_path / "own", "--iters", "3", "--response-len", "6")
+
+
+@pytest.mark.parametrize("flags, error, message", [
+    (["--sedd", "louaaron/sedd-small"], OSError, "huggingface-cli download louaaron/sedd-small --local-dir"),
+    (["--reward-model", "nobody/no-such-reward-model"], ValueError, "offline, download the model first"),
+    (["--reward-model", "{tmp}/garbage.pt"], ValueError, r"not a checkpoint torch.load\(weights_only=True\)"),
+    (["--reward-model", "{tmp}/bpe_rm.pt"], ValueError, "ids of train_text.py's BPE, not over GPT-2's 50257"),
+    (["--reward-model", "{minchatgpt}"], ValueError, "holds LoRA weights: pass lora_merges"),
+    (["--reward-model", "{transformers}", "--judge", "{transformers}"], ValueError, "a judge must be"),
+    (["--sedd", "random:small"], ValueError, r"random weights only time an iteration \(--bench\)"),
+])
+def test_a_wrong_sedd_path_file_is_a_clear_error_before_any_work(tmp_path, monkeypatch, sedd_files, flags,
+                                                                 error, message):
+    from test_text_models import write_sepo_reward_model
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "garbage.pt").write_bytes(b"not a torch file")
+    write_sepo_reward_model(str(tmp_path / "bpe_rm.pt"))  # the default run's reward model: 300 BPE ids
+    flags = [f.format(tmp=tmp_path, **sedd_files) for f in flags]
+    argv = ["--sedd", sedd_files["sedd"], *TINY_SEDD, "--out", str(tmp_path / "out"), *flags]
+    with pytest.raises(error, match=message):
+        T.main(argv)
+    assert not (tmp_path / "out").exists()
+
+
+def test_sedd_only_flags_need_sedd_and_the_presets(tmp_path):
+    for flags in (["--reward-model", "x"], ["--judge", "x"], ["--ppl-model", "x"],
+                  ["--long-prompts", "truncate"]):
+        with pytest.raises(ValueError, match="is for the SEDD path"):
+            T.main([*flags, "--out", str(tmp_path / "x")])
+    paper = T.parse_args(["--sedd", "d", "--preset", "paper"])
+    assert (paper.steps, paper.prompt_len, paper.response_len) == (128, 256, 128)
+    assert (paper.batch, paper.group) == (8, 8)
+    assert (paper.snis, paper.kl_coef, paper.kl_steps, paper.epochs) == (4, 0.05, 10, 2)
+    assert (paper.micro_batch, paper.chunk_size, paper.amp) == (1, 4, "auto")
+    assert paper.checkpointing and paper.baseline == "group" and paper.policy_pairs == 0
+    assert T.parse_args(["--sedd", "d", "--preset", "paper", "--steps", "1024"]).steps == 1024
+    assert T.parse_args(["--preset", "paper"]).prompt_len == 64  # without --sedd: the from-scratch preset
+    cfg = T.parse_args(["--grad", "auto", "--ratio", "auto"])
+    assert (T.sepo_config(cfg, "none").grad, T.sepo_config(cfg, "none").ratio) == (None, None)
+    defaults = T.sepo_config(T.parse_args([]), "none")
+    assert (defaults.grad, defaults.ratio) == ("pl", "snis")  # the default run: the paper's, as before
+
+
+def test_grad_and_ratio_auto_pick_by_graph(capsys):
+    T.main([*TINY, "--bench", "--graph", "uniform", "--grad", "auto", "--ratio", "auto"])
+    T.main([*TINY, "--bench", "--grad", "auto", "--ratio", "auto"])
+    log = capsys.readouterr().out.splitlines()
+    assert "grad=rollout, ratio=rollout" in log[0] and "grad=pl, ratio=snis" in log[1]
+
+
+def test_bench_times_a_sedd_iteration(sedd_files, capsys):
+    out = T.main(["--sedd", sedd_files["sedd"], *TINY_SEDD, "--bench"])
+    assert 0 < out["step_s"] < 60 and f"SEDD {sedd_files['sedd']} LM" in capsys.readouterr().out
+
+
+def test_random_sedd_configurations_have_the_published_sizes():
+    with torch.device("meta"):  # no memory, no initialisation work
+        sizes = {n: sum(p.numel() for p in load_policy(f"random:{n}", "meta", 16).parameters())
+                 for n in ("small", "medium")}
+    assert sizes == {"small": 169_627_218, "medium": 424_477_010}  # louaaron/sedd-small, sedd-medium
+    with pytest.raises(ValueError, match="random weights of"):
+        load_policy("random:large", "cpu", 16)
+
+
+def test_end_at_eot_reads_a_response_up_to_its_first_eot():
+    E = D.EOT
+    x = torch.tensor([[E, 5, 6, 7, E, 8, E, 9], [E, E, 5, 5, 6, 7, 8, 9]])
+    y = end_at_eot(x, 3)
+    assert y.tolist() == [[E, 5, 6, 7, E, E, E, E], [E, E, 5, 5, 6, 7, 8, 9]] and x[0, 5] == 8  # x unchanged
+    decode = D.gpt2_tokenizer().decode
+    assert D.gpt2_response_texts(y[:, 3:]) == [decode([7]), decode([5, 6, 7, 8, 9])]
+    rm = G.RewardModel(D.GPT2_VOCAB, 8, 16, 1, 2, D.EOT).eval()
+    wrapped = TextReward(rm, 3)
+    torch.testing.assert_close(wrapped.score(x), rm(y).detach(), rtol=0, atol=0)  # reads y, not x
+    torch.testing.assert_close(wrapped.reward(x), torch.sigmoid(rm(y)).detach(), rtol=0, atol=0)
+
+
+def test_gpt2_data_split_by_prompt_or_by_the_folders_files(tmp_path, sedd_files):
+    d = D.prepare_gpt2_data(sedd_files["data"], 24, 8, seed=0)
+    held = {tuple(p) for p in d.test_prompts.tolist()}
+    assert d.gpt2 and len(held) == 6 and d.info["split"] == "by prompt, 15% held out"  # 15% of 40 prompts
+    assert not any(tuple(p) in held for p in d.train_prompts.tolist())
+    assert not any(tuple(r[:24]) in held for r in d.rm_train[0].tolist())
+    assert len(d.rm_train[0]) == 34  # all the training pairs (the default run takes half)
+    folder = tmp_path / "hh" / "helpful-base"
+    folder.mkdir(parents=True)
+    lines = open(sedd_files["data"]).read().splitlines()
+    write_jsonl(folder / "train.jsonl", lines[:30])
+    write_jsonl(folder / "test.jsonl", lines[30:] + lines[:2])  # two test prompts also in train: held out
+    f = D.prepare_gpt2_data(str(tmp_path / "hh"), 24, 8)
+    assert f.info["split"] == "the folder's train/test files"
+    assert len(f.test_prompts) == 12 and len(f.rm_train[0]) == 28 and len(f.rm_test[0]) == 14  # 2 moved
+    held_out = D.load_hh(str(folder / "train.jsonl"))[:2] + D.load_hh(str(folder / "test.jsonl"))
+    assert sorted(D.gpt2_response_texts(f.rm_test[0][:, 24:])) == sorted(" " + p.chosen for p in held_out)
+
+
+class Garbage(torch.nn.Module):
+    """SEDD with large random outputs wherever the input is not MASK (never trained), or everywhere."""
+
+    def __init__(self, model, everywhere: bool = False):
+        super().__init__()
+        self.model = model
+        self.everywhere = everywhere
+
+    def forward(self, x, sigma):
+        out = self.model(x, sigma)
+        noise = 50 * torch.randn(out.shape, generator=torch.Generator().manual_seed(int(x.sum())))
+        return torch.where((x == D.MASK)[..., None] & (not self.everywhere), out, noise)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("grad, ratio, corrector", [("pl", "snis", 0), ("path", "snis", 0),
+                                                    ("rollout", "rollout", 1)])
+def test_sepo_never_reads_sedds_outputs_at_clean_positions(sedd_files, grad, ratio, corrector):
+    """SEDD trains its scores at MASK positions only. Garbage at every clean position changes nothing: the
+    same rewards, ratios, KL and loss, the same weights after two iterations, the same ELBO, bit for bit;
+    garbage at the MASK positions too changes them (the test can fail)."""
+    import sepo
+    from models.sedd import load_sedd
+    graph, noise = sepo.Masked(D.GPT2_VOCAB), sepo.LogLinear(1e-3)
+    prompts = torch.randint(0, D.EOT, (4, 6), generator=torch.Generator().manual_seed(0))
+    x0 = torch.cat([prompts, torch.randint(0, D.EOT, (4, 8), generator=torch.Generator().manual_seed(1))], 1)
+    cfg = sepo.SEPOConfig(batch_size=2, group_size=2, epochs=2, steps=4, kl_steps=2, snis_samples=2,
+                          pl_positions=3, corrector_steps=corrector, grad=grad, ratio=ratio, advantage="ppo",
+                          lr=1e-2)
+    reward = lambda x: (x[:, 6:] % 7 == 0).float().mean(1)  # a black box of the response
+    runs = []
+    for wrap, steps in ((lambda m: m, 2), (Garbage, 2), (lambda m: Garbage(m, everywhere=True), 1)):
+        policy = load_sedd(sedd_files["sedd"], head_from=6)
+        trainer = sepo.SEPO(wrap(policy), graph, noise, reward, 14, cfg, prompt_fn=lambda k, g: prompts[:k])
+        stats = [{k: v for k, v in trainer.step().items() if not k.startswith("time")} for _ in range(steps)]
+        elbo = sepo.elbo(wrap(policy), graph, noise, x0, 3, 6, torch.Generator().manual_seed(2))
+        runs.append((stats, policy.state_dict(), elbo))
+    (s0, w0, e0), (s1, w1, e1), (s2, w2, e2) = runs
+    assert s0 == s1 and s0[1]["kl"] > 0  # the policy moved, identically
+    assert all(torch.equal(w0[k], w1[k]) for k in w0) and torch.equal(e0, e1)
+    assert s2[0] != s0[0] and not torch.equal(e2, e0)

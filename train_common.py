@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from models.safe_load import load_checkpoint
 
-RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun; alone: 0, 1
+RANK = int(os.environ.get("RANK", 0))  # set by torchrun; a process alone is rank 0 of 1
+WORLD = int(os.environ.get("WORLD_SIZE", 1))
 
 
 # ---------------------------------------------------------------------------- flags
@@ -32,19 +33,22 @@ def arg(default, help: str, choices: Optional[tuple] = None):
 
 def parse_config(config_cls, presets: dict, positive: tuple, argv: Optional[list[str]], description: str,
                  types: Optional[dict] = None) -> tuple:
-    """Flags from the dataclass fields: an explicit flag wins over --preset, which wins over the field's default.
-    Numbers are checked now, not after pre-training (`not >=` also catches NaN). -> (config, flags given)."""
+    """Flags from the dataclass fields: an explicit flag wins over --preset, which wins over the field's
+    default. Numbers are checked now, not after pre-training (`not >=` also catches NaN).
+    -> (config, flags given)."""
     p = argparse.ArgumentParser(description=description)
     for f in dataclasses.fields(config_cls):
         if f.type == "bool":
             kind = dict(action="store_true", default=None)
         else:
             kind = dict(type=(types or {}).get(f.name, type(f.default)), choices=f.metadata["choices"])
-        p.add_argument("--" + f.name.replace("_", "-"), help=f"{f.metadata['help']} (default: {f.default!r})", **kind)
+        flag_help = f"{f.metadata['help']} (default: {f.default!r})"
+        p.add_argument("--" + f.name.replace("_", "-"), help=flag_help, **kind)
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     cfg = config_cls(**{**presets[given.get("preset", "cpu")], **given})
     for k, v in dataclasses.asdict(cfg).items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and not (v > 0 if k in positive else v >= 0):
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if number and not (v > 0 if k in positive else v >= 0):
             raise ValueError(f"--{k.replace('_', '-')} must be {'> 0' if k in positive else '>= 0'}, got {v}")
     if cfg.batch % WORLD:
         raise ValueError(f"--batch {cfg.batch} is the groups of all {WORLD} processes together: "
@@ -71,7 +75,8 @@ def setup(cfg) -> torch.device:
 
 
 def rank0_first(stage: Callable, *args):
-    """stage(*args) on rank 0, then on the other ranks, which load what it cached in --out: each model trains once."""
+    """stage(*args) on rank 0, then on the other ranks, which load what it cached in --out: each model trains
+    once."""
     out = stage(*args) if RANK == 0 else None
     if WORLD > 1:
         dist.barrier()
@@ -111,7 +116,8 @@ def train_loop(name: str, model: nn.Module, loss_fn: Callable[[Tensor, torch.Gen
     """AdamW + cosine decay on random minibatches of indices [0, n); a checkpoint every `every` steps and at
     the end, and an exact resume from it. -> metrics: the smoothed training loss and val_fn's."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
+    cosine = lambda s: 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)  # the minibatch indices
     mgen = torch.Generator(device).manual_seed(seed + 1)  # the loss's own draws (noise levels, masks)
@@ -119,7 +125,7 @@ def train_loop(name: str, model: nn.Module, loss_fn: Callable[[Tensor, torch.Gen
     ck = load_ckpt(path, settings)
     if ck is not None:
         model.load_state_dict(ck["model"])
-        if ck["step"] == steps:  # finished; validation re-measured: a cached model is judged on this code's sets
+        if ck["step"] == steps:  # finished; a cached model is judged again on this code's held-out sets
             metrics = {**ck["metrics"], **val_fn()}
             print(f"[{name}] cached in {path}: {fmt(metrics)}")
             return metrics
@@ -141,9 +147,11 @@ def train_loop(name: str, model: nn.Module, loss_fn: Callable[[Tensor, torch.Gen
         step += 1
         if step == steps or (every and step % every == 0):
             metrics = {"train_loss": run, "step": step, **val_fn()}
-            print(f"[{name}] step {step}/{steps} {fmt(metrics)} ({time.perf_counter() - tic:.0f}s)", flush=True)
-            state = dict(settings=settings, model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
-                         gen=gen.get_state(), mgen=mgen.get_state(), step=step, run=run, metrics=metrics)
+            seconds = time.perf_counter() - tic
+            print(f"[{name}] step {step}/{steps} {fmt(metrics)} ({seconds:.0f}s)", flush=True)
+            state = dict(settings=settings, model=model.state_dict(), opt=opt.state_dict(),
+                         sched=sched.state_dict(), gen=gen.get_state(), mgen=mgen.get_state(), step=step,
+                         run=run, metrics=metrics)
             save_atomic(state, path)
     return metrics
 
@@ -173,8 +181,10 @@ def train_sepo(trainer, tag: str, path: str, settings: dict, iters: int, every: 
         trainer.load_state_dict(ck["trainer"])
         history = ck["history"]
         # keep the every-`every` probes (and this run's last): an earlier, shorter run also probed its last
-        probes = [p for p in ck["probes"] if p["iteration"] % every == 0 or p["iteration"] == iters]
-        print(f"[{tag}] {'cached' if len(history) >= iters else 'resuming'}: {path} ({len(history)} iterations)")
+        old = ck.get("probes", [])  # absent from checkpoints the drivers wrote before they shared this loop
+        probes = [p for p in old if p["iteration"] % every == 0 or p["iteration"] == iters]
+        done = "cached" if len(history) >= iters else "resuming"
+        print(f"[{tag}] {done}: {path} ({len(history)} iterations)")
     while len(history) < iters:
         s = trainer.step()
         history.append(s)
@@ -182,7 +192,8 @@ def train_sepo(trainer, tag: str, path: str, settings: dict, iters: int, every: 
         if len(history) % every == 0 or len(history) == iters:
             if probe is not None:
                 probes.append({"iteration": len(history), **probe(trainer.model)})
-            state = {"settings": settings, "trainer": trainer.state_dict(), "history": history, "probes": probes}
+            state = {"settings": settings, "trainer": trainer.state_dict(), "history": history,
+                     "probes": probes}
             save_atomic(state, path)
     return history, probes
 
@@ -191,7 +202,8 @@ def save_curves(runs: dict, path: str) -> None:
     """Reward, path KL and clip fraction per SEPO iteration, one line per run ({name: history})."""
     from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
     fig = Figure(figsize=(12, 3.2))
-    panels = {"reward_mean": "mean reward R(x)", "kl": "path KL to the pre-trained model", "clip_frac": "clip fraction"}
+    panels = {"reward_mean": "mean reward R(x)", "kl": "path KL to the pre-trained model",
+              "clip_frac": "clip fraction"}
     for ax, (key, title) in zip(fig.subplots(1, 3), panels.items()):
         for name, history in runs.items():
             ax.plot([s[key] for s in history], label=name)

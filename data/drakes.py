@@ -2,7 +2,7 @@
 five metrics of its enhancer table (Wang et al., "Fine-Tuning Discrete Diffusion Models via Reward
 Optimization with Applications to DNA and Protein Design", ICLR 2025: drakes_dna/eval.ipynb), on the
 masked diffusion language model (MDLM) of Sahoo et al., "Simple and Effective Masked Diffusion Language
-Models", NeurIPS 2024. docs/drakes_protocol.md reads it metric by metric.
+Models", NeurIPS 2024. docs/dna.md reads it metric by metric ("The DRAKES release").
 
     python -m data.drakes BASE_DIR     # check a release: its files, the data table, the reference set
 
@@ -299,7 +299,7 @@ def kmer_pearson(gen_counts: Tensor, ref_counts: Tensor) -> float:
 # MotifFile reads the MEME file JASPAR2022_CORE_non-redundant_pfms_meme.txt, and its FIMO(both_strands=True,
 # threshold=1e-3).score_motif(motif, seqs, motif_file.background) scans each motif. Every step below
 # reproduces pymemesuite 0.1.0a2-a4 (MEME suite 5.4.1 code): the integer score matrices and p-value tables
-# are bit-identical for all 1956 motifs, and so are the hit counts (docs/drakes_protocol.md).
+# are bit-identical for all 1956 motifs, and so are the hit counts (docs/dna.md).
 
 NRDB_DNA = (0.281774, 0.222020, 0.228876, 0.267330)  # MEME's get_nrdb_frequencies, DNA (A, C, G, T)
 PSSM_RANGE = 1000       # MEME's PSSM_RANGE: a position's log-odds are scaled to integers in [0, 1000]

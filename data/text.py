@@ -308,6 +308,25 @@ class TextData:
     rm_train: tuple[torch.Tensor, torch.Tensor]  # (chosen, rejected) [N, L]: a random half of the train pairs
     rm_test: tuple[torch.Tensor, torch.Tensor]   # the held-out prompts' pairs (the reward model's accuracy)
     info: dict = field(default_factory=dict)
+    gpt2: bool = False               # GPT-2 ids (prepare_gpt2_data), else the BPE of prepare_data
+
+    def response_texts(self, ids: torch.Tensor) -> list[str]:
+        """Response blocks [N, Lr] -> their texts (decode; GPT-2 ids: gpt2_response_texts)."""
+        return gpt2_response_texts(ids.cpu()) if self.gpt2 else decode(self.tok, ids)
+
+    def encode_responses(self, texts: list[str], response_len: int) -> torch.Tensor:
+        """Texts -> response blocks [N, response_len] (encode_responses; GPT-2 ids: gpt2_responses)."""
+        if self.gpt2:
+            return gpt2_responses(texts, response_len)
+        return encode_responses(self.tok, texts, response_len)
+
+    def prompt_texts(self, prompts: torch.Tensor) -> list[str]:
+        """Prompt blocks [N, Lp] -> the dialogue as text ([H]/[A] markers; GPT-2 ids: HH-RLHF's transcript,
+        its whitespace collapsed to one line)."""
+        if self.gpt2:
+            return [" ".join(t.split()) for t in gpt2_decode(prompts)]
+        rows = ([i for i in row.tolist() if i != PAD] for row in prompts)
+        return [self.tok.decode(row, skip_special_tokens=False) for row in rows]
 
 
 def file_sha256(path: str) -> str:
@@ -509,6 +528,68 @@ def gpt2_text_ids(row: list[int]) -> list[int]:
 def gpt2_decode(ids: torch.Tensor) -> list[str]:
     """[N, L] GPT-2 ids -> the N texts of gpt2_text_ids (exact: decode(encode(t)) == t for GPT-2's BPE)."""
     return [gpt2_tokenizer().decode(gpt2_text_ids(row)) for row in ids.tolist()]
+
+
+def gpt2_response_texts(ids: torch.Tensor) -> list[str]:
+    """[N, R] GPT-2 ids of response blocks -> their texts, each up to its first EOT (the end of the text;
+    a response that starts with EOT is empty). MASK, or any id outside GPT-2's vocabulary, is an error."""
+    if ((ids < 0) | (ids >= GPT2_VOCAB)).any():
+        raise ValueError(f"ids outside GPT-2's vocabulary 0..{GPT2_VOCAB - 1} (MASK = {MASK}: decode only "
+                         "denoised samples)")
+    rows = [row[: row.index(EOT)] if EOT in row else row for row in ids.tolist()]
+    return [gpt2_tokenizer().decode(row) for row in rows]
+
+
+def prepare_gpt2_data(path: str, prompt_len: int, response_len: int, seed: int = 0,
+                      max_pairs: int | None = None, long: str = "skip") -> TextData:
+    """The pairs of a file or folder (load_hh) as GPT-2 ids for SEDD (gpt2_pairs: prompts left-padded with
+    EOT, responses followed by EOT), in a TextData with tok = GPT-2's tokenizer (nothing is trained).
+
+    The split is by prompt, as in prepare_data: 15% of the distinct prompts held out (seeded), or, for a
+    folder that holds both train and test files, the prompts of its test files; a training pair whose
+    prompt is a held-out prompt is held out too, so held-out prompts never reach the reward model or SEPO.
+    Long prompts are skipped (counted), truncated to their last prompt_len tokens, or an error (long);
+    pairs whose chosen and rejected are equal once cut to response_len are dropped (counted). The reward
+    model's pairs are ALL the training pairs (no LM pre-trains on them here); lm_train holds the unique
+    (prompt | chosen) rows of the training split, unused by SEPO."""
+    malformed: dict = {}
+    pairs = load_hh(path, malformed)
+    if max_pairs and len(pairs) > max_pairs:
+        pairs = random.Random(seed).sample(pairs, max_pairs)
+    files_split = {p.split for p in pairs} == {"train", "test"}
+    if files_split:
+        test_keys = {prompt_text(p.prompt) for p in pairs if p.split == "test"}
+    else:
+        keys = sorted({prompt_text(p.prompt) for p in pairs})
+        random.Random(seed).shuffle(keys)
+        test_keys = set(keys[: max(1, int(0.15 * len(keys)))])
+    enc, skipped, identical = {}, 0, 0
+    for k in ("train", "test"):
+        g = gpt2_pairs([p for p in pairs if (prompt_text(p.prompt) in test_keys) == (k == "test")],
+                       prompt_len, response_len, long)
+        differ = (g.chosen != g.rejected).any(1)  # equal once cut: no preference left, and a sure tie
+        skipped += g.skipped_long
+        identical += len(differ) - int(differ.sum())
+        x = g.prompts[differ]
+        enc[k] = (x, torch.cat([x, g.chosen[differ]], 1), torch.cat([x, g.rejected[differ]], 1),
+                  [p for p, d in zip(g.pairs, differ.tolist()) if d])
+    (xp, c_tr, r_tr, train), (xq, c_te, r_te, test) = enc["train"], enc["test"]
+    if len(train) < 2 or len(test) < 1:
+        raise ValueError(f"{path}: too few usable pairs ({len(train)} train, {len(test)} held out) with "
+                         f"{prompt_len}-token prompts; raise --prompt-len or truncate long prompts")
+    first_p = np.sort(np.unique(xp.numpy(), axis=0, return_index=True)[1])
+    first_q = np.sort(np.unique(xq.numpy(), axis=0, return_index=True)[1])
+    lm = torch.from_numpy(np.unique(c_tr.numpy(), axis=0))
+    tok = gpt2_tokenizer()
+    split = "the folder's train/test files" if files_split else "by prompt, 15% held out"
+    info = dict(source=path, split=split, pairs=len(train) + len(test), long_prompts=long,
+                skipped_long_prompts=skipped,
+                skipped_malformed=sum(malformed.values()), skipped_identical_after_cut=identical,
+                train_prompts=len(first_p), test_prompts=len(first_q), rm_train_pairs=len(c_tr),
+                vocab=GPT2_VOCAB, sha256=file_sha256(path),
+                tokenizer_sha256=hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest()[:16])
+    return TextData(tok, xp[first_p], xq[first_q], [test[i].chosen for i in first_q], lm, (c_tr, r_tr),
+                    (c_te, r_te), info, gpt2=True)
 
 
 # ---------------------------------------------------------------------------- evaluation statistics

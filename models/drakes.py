@@ -11,6 +11,8 @@ oracle's predicted HepG2 activity.
                       sepo.Masked(4) reads the first four columns and ignores the MASK column.
   load_drakes_mdlm    mdlm/outputs_gosai/pretrained.ckpt (a Lightning checkpoint), and the plain state
                       dicts of DRAKES's fine-tuned models (finetuned.ckpt, zero_alpha.ckpt) or of a CNNModel.
+  load_release_networks, describe, release_shaped: the release's networks loaded together, described in
+                      a line each, and random weights of their shapes (train_dna.py --drakes, --bench)
   load_grelu_oracle   a gReLU LightningModel checkpoint of an Enformer network (models/grelu.py): DRAKES's
                       reward_oracle_ft.ckpt and reward_oracle_eval.ckpt (regression; outputs hepg2, k562,
                       sknsh) and binary_atac_cell_lines.ckpt (7 accessibility probabilities).
@@ -301,9 +303,14 @@ def _enformer_args(params: Mapping, source: str) -> dict:
     return args
 
 
+def _data_params(ckpt: Mapping, hparams: Mapping) -> Any:
+    """data_params, at the top level (gReLU >= 1.0.5) or in hyper_parameters (1.0.2)."""
+    return ckpt["data_params"] if "data_params" in ckpt else hparams.get("data_params")
+
+
 def _task_names(ckpt: Mapping, hparams: Mapping, n_tasks: int, source: str) -> Optional[list[str]]:
-    """data_params['tasks']['name'], from the top level (gReLU >= 1.0.5) or hyper_parameters (1.0.2)."""
-    data_params = ckpt["data_params"] if "data_params" in ckpt else hparams.get("data_params")
+    """data_params['tasks']['name'] (_data_params)."""
+    data_params = _data_params(ckpt, hparams)
     tasks = data_params.get("tasks") if isinstance(data_params, Mapping) else None
     names = tasks.get("name") if isinstance(tasks, Mapping) else None
     if names is None:
@@ -363,5 +370,51 @@ def load_grelu_oracle(path: str | os.PathLike, device: str | torch.device = "cpu
     load_strict(model, state, source)
     info = {"source": source, "layout": "grelu>=1.0.5" if "data_params" in ckpt else "grelu-1.0.2",
             **_lightning_info(ckpt), "model_params": to_plain(dict(params)),
-            "train_params": to_plain(train_params), "built": {"n_tasks": n_tasks, **args}, "notes": notes}
+            "train_params": to_plain(train_params), "data_params": to_plain(_data_params(ckpt, hparams)),
+            "built": {"n_tasks": n_tasks, **args}, "notes": notes}
     return GReluOracle(model, activation, task, names, info).to(device)
+
+
+# === the release's networks together (train_dna.py --drakes) =============================================
+
+DENOISERS = ("pretrained", "drakes", "drakes_zero")  # DRAKES's CNN: pretrained.ckpt, finetuned, zero_alpha
+ORACLES = ("ft_oracle", "eval_oracle", "atac")        # gReLU Enformer checkpoints
+
+
+def load_release_networks(paths: Mapping[str, str], device: str | torch.device = "cpu"
+                          ) -> dict[str, nn.Module]:
+    """{name: network} for the names of DENOISERS and ORACLES in paths (find_release's {name: path}; the
+    optional fine-tuned models only where present), each read without running anything in the file and
+    loaded strictly (models/drakes.py), on device, in eval mode."""
+    nets = {name: load_drakes_mdlm(paths[name], device) for name in DENOISERS if name in paths}
+    nets.update({name: load_grelu_oracle(paths[name], device) for name in ORACLES if name in paths})
+    return nets
+
+
+def _train_n_seqs(info: dict) -> Optional[int]:
+    """data_params['train_n_seqs'] (which half of the data trained an oracle), or None."""
+    params = info.get("data_params")
+    return params.get("train_n_seqs") if isinstance(params, Mapping) else None
+
+
+def describe(model: nn.Module) -> str:
+    """One line of what a release network's file says about itself (model.info, models/drakes.py)."""
+    info = model.info
+    stated = [k for k in ("lightning_version", "epoch", "global_step") if info.get(k) is not None]
+    run = ", ".join(f"{k} {info[k]}" for k in stated)
+    millions = sum(p.numel() for p in model.parameters()) / 1e6
+    if isinstance(model, GReluOracle):
+        what = (f"gReLU {info['layout']} {model.task}, tasks {model.task_names}, "
+                f"{info['built']['n_transformers']} transformer blocks, "
+                f"train_n_seqs {_train_n_seqs(info)}" + "".join(f"; {n}" for n in info["notes"]))
+    else:
+        what = f"DRAKES CNN ({info['format']}), hidden {info['hidden']}, {info['stacks']} stacks"
+    return f"{info['source']}: {what}; {millions:.2f}M parameters" + (f"; {run}" if run else "")
+
+
+def release_shaped(n_tasks: int = 3) -> tuple[CNNModel, GReluOracle]:
+    """(denoiser, oracle) with random weights in the release's shapes: DRAKES's CNN (128 channels, 4 stacks:
+    3.3M parameters) and gReLU's EnformerPretrainedModel trunk with an n_tasks regression head (230M)."""
+    from .grelu import EnformerModel  # imports enformer-pytorch (seconds)
+    oracle = GReluOracle(EnformerModel(n_tasks, **ENFORMER_DEFAULTS), nn.Identity(), "regression", None, {})
+    return CNNModel(128, 4), oracle
