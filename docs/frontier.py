@@ -1,18 +1,19 @@
 """The reward-naturalness frontier: SEPO at several KL budgets against best-of-N, from finished runs.
 
-    python docs/frontier.py dna RUN [RUN ...]     # train_dna.py runs  -> docs/dna_frontier.png, a markdown table
-    python docs/frontier.py text RUN [RUN ...]    # train_text.py runs -> docs/text_frontier.png, a markdown table
+    python docs/frontier.py dna RUN [RUN ...]    # train_dna.py runs  -> docs/dna_frontier.png, a table
+    python docs/frontier.py text RUN [RUN ...]   # train_text.py runs -> docs/text_frontier.png, a table
 
-The runs share their pre-trained models (docs/dna.md and docs/text.md give the commands); best-of-N comes from the
-first run that has a curve (--bon-max). Every point is labelled with its sampling budget: samples drawn per
-evaluated output, N for best-of-N and 1 + ceil(iterations x batch x group / outputs) for SEPO (its training
-samples spread over the outputs, plus the output's own draw). DNA: the evaluation oracle's Pred-Activity against
-3-mer correlation and App-Log-Lik; text: the gold judge's win rate (95% interval over prompts) and the reward
-model's score against the perplexity under the pre-trained model. The table flags, for each SEPO point, whether a
-best-of-N point is at least as good on both axes of the first panel (dominated; a lower perplexity is the more
-natural) and which N it beats on both. Its
-KL column is SEPO's path KL (an upper bound on the KL of its samples' law) over the last 5 iterations, and the
-bound log N - (N - 1) / N on best-of-N's KL to the pre-trained model.
+The runs share their pre-trained models (docs/dna.md and docs/text.md give the commands); best-of-N comes
+from the first run that has a curve (--bon-max). Every point is labelled with its sampling budget: samples
+drawn per evaluated output, N for best-of-N and 1 + ceil(iterations x batch x group / outputs) for SEPO (its
+training samples spread over the outputs, plus the output's own draw). DNA: the evaluation oracle's
+Pred-Activity against 3-mer correlation and App-Log-Lik; text: the gold judge's win rate (95% interval over
+prompts) and the reward model's score against the perplexity under the pre-trained model. The table flags, for
+each SEPO point, whether a best-of-N point is at least as good on both axes of the first panel (dominated; a
+lower perplexity is the more natural) and which N it beats on both. Its KL columns hold SEPO's path KL as
+realised against its budget: the mean over the second half of the iterations and the largest 10-iteration
+moving average; for best-of-N, the bound log N - (N - 1) / N on the KL of its samples' law to the pre-trained
+model.
 """
 import json
 import math
@@ -24,7 +25,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-AXES = {"dna": ("Pred-Activity", ["3-mer corr", "App-Log-Lik"]), "text": ("gold_win", ["perplexity", "perplexity"])}
+AXES = {"dna": ("Pred-Activity", ["3-mer corr", "App-Log-Lik"]),
+        "text": ("gold_win", ["perplexity", "perplexity"])}
+
+
+def realised_kl(history: list[dict]) -> tuple[float, float]:
+    """(mean path KL over the second half of the iterations, largest 10-iteration moving average)."""
+    kl = [h["kl"] for h in history]
+    half = kl[len(kl) // 2:]
+    moving = [sum(kl[max(0, i - 9):i + 1]) / len(kl[max(0, i - 9):i + 1]) for i in range(len(kl))]
+    return sum(half) / len(half), max(moving)
 
 
 def load(kind: str, run: str) -> dict:
@@ -35,11 +45,11 @@ def load(kind: str, run: str) -> dict:
 
 
 def points(kind: str, r: dict, first: dict) -> list[dict]:
-    """The SEPO rows of one run, each with its label, its sampling budget and its KL at the end; a run of other
+    """The SEPO rows of one run, each with its label, its sampling budget and its realised KL; a run of other
     iterations or KL steps than the `first` run's config is a series of its own."""
     c = r["config"]
-    budget = 1 + math.ceil(c["iters"] * c["batch"] * c["group"] / (c["n_eval"] if kind == "dna" else
-                                                                   r["rows"][0]["n"]))
+    outputs = c["n_eval"] if kind == "dna" else r["rows"][0]["n"]
+    budget = 1 + math.ceil(c["iters"] * c["batch"] * c["group"] / outputs)
     kl = f"KL <= {c['kl_target']:g}" if c.get("kl_target") else f"alpha {c['kl_coef']:g}"
     if kind == "dna":
         rows = {n: (row, r["runs"][n]["history"]) for n, row in r["rows"].items() if n.startswith("SEPO")}
@@ -50,8 +60,10 @@ def points(kind: str, r: dict, first: dict) -> list[dict]:
         est = f"{c['grad']}/{c['ratio']}" + (" + GF" if name.endswith("GF") else "")
         est += f", {c['iters']} iterations" if c["iters"] != first["iters"] else ""
         est += f", KL over {c['kl_steps']} steps" if c["kl_steps"] != first["kl_steps"] else ""
-        out.append({"series": est, "label": kl, "budget": budget, "row": row, "kl_end": sum(h["kl"] for h in hist[-5:]) / 5,
-                    "alpha_end": hist[-1].get("kl_coef", c["kl_coef"]), "target": c.get("kl_target") or 0.0})
+        half, peak = realised_kl(hist)
+        out.append({"series": est, "label": kl, "budget": budget, "row": row, "kl_half": half,
+                    "kl_peak": peak, "alpha_end": hist[-1].get("kl_coef", c["kl_coef"]),
+                    "target": c.get("kl_target") or 0.0})
     return out
 
 
@@ -73,23 +85,26 @@ def main(kind: str, runs: list[str], out: str = "") -> None:
             if ylab == "gold_win":
                 err = [[r["gold_win"] - r["gold_win_ci"][0] for r in rows],
                        [r["gold_win_ci"][1] - r["gold_win"] for r in rows]]
-            return a.errorbar([r[x] for r in rows], [r[ylab] for r in rows], yerr=err, fmt=fmt, capsize=2, **kw)[0]
+            return a.errorbar([r[x] for r in rows], [r[ylab] for r in rows], yerr=err, fmt=fmt, capsize=2,
+                              **kw)[0]
         draw(bon, "s--", c="gray", label="best-of-N (pre-trained samples)")
         for b in bon:
-            a.annotate(f"N={b['N']} [{b['N']}]", (b[x], b[ylab]), textcoords="offset points", xytext=(3, -9), fontsize=6.5,
-                       c="gray")
-        for series in dict.fromkeys(p["series"] for p in pts):  # the budgets joined in order; a fixed alpha apart
+            a.annotate(f"N={b['N']} [{b['N']}]", (b[x], b[ylab]), textcoords="offset points", xytext=(3, -9),
+                       fontsize=6.5, c="gray")
+        for series in dict.fromkeys(p["series"] for p in pts):  # budgets joined in order; a fixed alpha apart
             mine = sorted((p for p in pts if p["series"] == series), key=lambda p: p["target"])
-            line = draw([p["row"] for p in mine if p["target"]], "o-", lw=1, label=f"SEPO {series}, KL budgets")
+            budgeted = [p["row"] for p in mine if p["target"]]
+            line = draw(budgeted, "o-", lw=1, label=f"SEPO {series}, KL budgets")
             fixed = [p["row"] for p in mine if not p["target"]]
             if fixed:
                 draw(fixed, "D", c=line.get_color(), label=f"SEPO {series}, fixed alpha")
             for p in mine:
-                a.annotate(f"{p['label'].replace('KL <= ', '<=')} [{p['budget']}]", (p["row"][x], p["row"][ylab]),
-                           textcoords="offset points", xytext=(3, 3), fontsize=6.5, c=line.get_color())
+                tag = f"{p['label'].replace('KL <= ', '<=')} [{p['budget']}]"
+                a.annotate(tag, (p["row"][x], p["row"][ylab]), textcoords="offset points", xytext=(3, 3),
+                           fontsize=6.5, c=line.get_color())
         for name, row in refs.items():
             draw([row], "*", ms=12, label=name)
-        if a is ax[0]:  # the target corner: the data's Pred-Activity at 3-mer >= 0.9; win >= 0.65 at <= 1.25x perplexity
+        if a is ax[0]:  # the target corner: the data's Pred-Activity at 3-mer >= 0.9; win 0.65 at 1.25x ppl
             pre = next(r for n, r in refs.items() if n.startswith(("Pre", "pre")))
             data = next(r for n, r in refs.items() if n.startswith(("Data", "chosen")))
             corner = (0.9, data[y]) if kind == "dna" else (0.0, 0.65)
@@ -98,42 +113,48 @@ def main(kind: str, runs: list[str], out: str = "") -> None:
             a.add_patch(plt.Rectangle(corner, width, 10, color="green", alpha=0.08, label="target (docs)"))
             a.set(xlim=lim[0], ylim=lim[1])
         a.set(xlabel=x + (" under the pre-trained model (log scale)" if x == "perplexity" else ""),
-              ylabel={"gold_win": "gold win rate vs pre-trained", "rm_score": "reward-model score"}.get(ylab, ylab))
+              ylabel={"gold_win": "gold win rate vs pre-trained",
+                      "rm_score": "reward-model score"}.get(ylab, ylab))
         if x == "perplexity":  # log scale, plain tick labels
             lo, hi = a.get_xlim()
-            a.set_xscale("log"), a.minorticks_off()
+            a.set_xscale("log")
+            a.minorticks_off()
             ticks = [t for t in (20, 30, 50, 70, 100, 150, 200, 300, 500, 1000) if lo <= t <= hi]
-            a.set_xticks(ticks, [str(t) for t in ticks]), a.set_xlim(lo, hi)
+            a.set_xticks(ticks, [str(t) for t in ticks])
+            a.set_xlim(lo, hi)
     fig.legend(*ax[0].get_legend_handles_labels(), fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.suptitle("[k]: sampling budget, samples drawn per output; SEPO points: their KL budget (<= nats) or fixed alpha",
-                 fontsize=9)
-    fig.tight_layout(), fig.savefig(out, dpi=110, bbox_inches="tight"), plt.close(fig)
-    x, up = xs[0], 1 if kind == "dna" else -1  # up: +1 where a larger x is more natural (3-mer), -1 (perplexity)
+    fig.suptitle("[k]: sampling budget, samples drawn per output; SEPO points: their KL budget (<= nats) or "
+                 "fixed alpha", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    x, up = xs[0], 1 if kind == "dna" else -1  # +1 where a larger x is more natural (3-mer), -1 (perplexity)
     cols = ([y, "ATAC-Acc %", "3-mer corr", "JASPAR corr", "App-Log-Lik"] if kind == "dna" else
             ["gold_win", "rm_score", "perplexity", "distinct_1"])
     heads = {"gold_win": "gold win rate [95% CI]", "rm_score": "RM score", "distinct_1": "distinct-1"}
 
     def fmt(row: dict, c: str) -> str:
         return f"{row[c]:.1f}" if "%" in c or c == "perplexity" else f"{row[c]:.3f}"
-    print("| SEPO | KL budget / alpha | samples per output | KL, last 5 iterations | alpha at the end | "
-          + " | ".join(heads.get(c, c) for c in cols) + " | dominated by best-of-N | beats best-of-N |\n"
-          + "|---" * (len(cols) + 7) + "|")
+    print("| SEPO | KL budget / alpha | samples per output | KL, second half | KL, peak 10-iteration mean "
+          "| alpha at the end | " + " | ".join(heads.get(c, c) for c in cols)
+          + " | dominated by best-of-N | beats best-of-N |\n" + "|---" * (len(cols) + 8) + "|")
     for p in sorted(pts, key=lambda p: (p["series"], p["target"] == 0, p["target"])):
         row = p["row"]
-        over = [b["N"] for b in bon if up * b[x] >= up * row[x] and b[y] >= row[y]]  # (ties count against SEPO)
+        over = [b["N"] for b in bon if up * b[x] >= up * row[x] and b[y] >= row[y]]  # ties count against SEPO
         under = [b["N"] for b in bon if up * b[x] < up * row[x] and b[y] < row[y]]
         cells = [fmt(row, c) for c in cols]
         if kind == "text":
             cells[0] = f"{row['gold_win']:.3f} [{row['gold_win_ci'][0]:.3f}, {row['gold_win_ci'][1]:.3f}]"
-        print(f"| {p['series']} | {p['label']} | {p['budget']} | {p['kl_end']:.2f} | {p['alpha_end']:.3g} | "
-              + " | ".join(cells) + f" | {'N = ' + ', '.join(map(str, over)) if over else 'no'} | "
-              f"{'N = ' + ', '.join(map(str, under)) if under else 'none'} |")
+        dominated = "N = " + ", ".join(map(str, over)) if over else "no"
+        beats = "N = " + ", ".join(map(str, under)) if under else "none"
+        print(f"| {p['series']} | {p['label']} | {p['budget']} | {p['kl_half']:.2f} | {p['kl_peak']:.2f} | "
+              f"{p['alpha_end']:.3g} | " + " | ".join(cells) + f" | {dominated} | {beats} |")
     for b in bon:  # KL(best-of-N || pre-trained) <= log N - (N - 1) / N (Beirami et al. 2024)
         cells = [fmt(b, c) for c in cols]
         if kind == "text":
             cells[0] = f"{b['gold_win']:.3f} [{b['gold_win_ci'][0]:.3f}, {b['gold_win_ci'][1]:.3f}]"
-        print(f"| best-of-{b['N']} | | {b['N']} | <= {math.log(b['N']) - (b['N'] - 1) / b['N']:.2f} | | "
-              + " | ".join(cells) + " | | |")
+        bound = math.log(b["N"]) - (b["N"] - 1) / b["N"]
+        print(f"| best-of-{b['N']} | | {b['N']} | <= {bound:.2f} | | | " + " | ".join(cells) + " | | |")
     print(f"wrote {out}")
 
 
