@@ -85,7 +85,8 @@ def test_vendored_file_loads_and_matches_its_provenance():
     # chrom_name() leaves its names as they are written: 24 chromosomes, the same counts, the same hash
     names, counts = np.unique(d.chrom, return_counts=True)
     assert set(names) == {f"chr{k}" for k in range(1, 23)} | {"chrX", "chrY"}
-    assert dict(zip(names, counts.tolist()))["chr1"] == 4565 and dict(zip(names, counts.tolist()))["chrY"] == 39
+    per_chromosome = dict(zip(names, counts.tolist()))
+    assert per_chromosome["chr1"] == 4565 and per_chromosome["chrY"] == 39
     assert D.load_data("").sha256 == "8b5649f6f32e2dcb"
 
 
@@ -105,26 +106,29 @@ def test_gosai_file_without_a_chromosome_column_gets_a_fixed_split(tmp_path, nam
         assert a.sha256 == hashlib.sha256(f.read()).hexdigest()[:16] == a.subset(a.chrom == "chr1").sha256
     names, counts = np.unique(a.chrom, return_counts=True)
     assert set(names) == {f"chr{k}" for k in range(1, 11)} and counts.min() > 10  # about 30 each
-    assert set(D.oracle_chromosomes(a.chrom, "chr1", "chr2")[0]) | set(D.oracle_chromosomes(a.chrom, "chr1", "chr2")[1]) \
-        == {f"chr{k}" for k in range(3, 11)}
+    halves = D.oracle_chromosomes(a.chrom, "chr1", "chr2")
+    assert set(halves[0]) | set(halves[1]) == {f"chr{k}" for k in range(3, 11)}
 
 
 def test_gosai_loader_good(tmp_path):
-    rows = [(rand_seq(), 1.5, -0.2, 0.3, "chr1"), (rand_seq(), -1.0, 2.0, 0.0, "7"), (rand_seq(), 0, 0, 0, "Chr7"),
-            (rand_seq(), 0, 0, 0, "2.0"), (rand_seq(), 0, 0, 0, "chrX")]
+    rows = [(rand_seq(), 1.5, -0.2, 0.3, "chr1"), (rand_seq(), -1.0, 2.0, 0.0, "7"),
+            (rand_seq(), 0, 0, 0, "Chr7"), (rand_seq(), 0, 0, 0, "2.0"), (rand_seq(), 0, 0, 0, "chrX")]
     d = D.load_data(write_gosai(tmp_path / "g.csv", HEADER, rows))
     assert d.kind == "gosai" and d.x.shape == (5, 200)
     assert torch.allclose(d.y[:3], torch.tensor([[1.5, -0.2, 0.3], [-1.0, 2.0, 0.0], [0.0, 0.0, 0.0]]))
-    # bare numbers get the chr prefix, any case of it is chr, and a number written as a float (2.0) is a number
+    # bare numbers get the chr prefix, any case of it is chr, and a number written as a float (2.0) is a
+    # number
     assert d.chrom.tolist() == ["chr1", "chr7", "chr7", "chr2", "chrX"]
     assert d.signal.tolist() == [1.5, -1.0, 0.0, 0.0, 0.0]  # top set ranked by HepG2 activity
 
 
 @pytest.mark.parametrize("header,rows,msg", [
     (["seq", "hepg2", "k562", "chr"], [("A" * 200, 1, 2, "chr1")], r"missing column 'sknsh'"),
-    (HEADER, [("A" * 200, 1, 2, 3, "chr1"), ("A" * 200, "high", 2, 3, "chr1")], r"row 2: column 'hepg2' is not a number"),
+    (HEADER, [("A" * 200, 1, 2, 3, "chr1"), ("A" * 200, "high", 2, 3, "chr1")],
+     r"row 2: column 'hepg2' is not a number"),
     (HEADER, [("A" * 200, 1, 2, "nan", "chr1")], r"row 1: column 'sknsh' is not finite"),
-    (HEADER, [("A" * 200, 1, 2, 3, "chr1"), ("A" * 200, 1, 2, "chr1")], r"row 2 has 4 fields, the header has 5"),
+    (HEADER, [("A" * 200, 1, 2, 3, "chr1"), ("A" * 200, 1, 2, "chr1")],
+     r"row 2 has 4 fields, the header has 5"),
     (HEADER, [("A" * 199 + "X", 1, 2, 3, "chr1")], r"row 1: invalid base 'X' at position 200"),
     (HEADER, [("A" * 200, 1, 2, 3, "chr1"), ("ACGT", 1, 2, 3, "chr1")], r"row 2: sequence has length 4"),
     (HEADER, [("A" * 200, 1, 2, 3, "chr1"), ("A" * 200, 1, 2, 3, "")], r"row 2: no chromosome"),
@@ -139,14 +143,16 @@ def random_gosai_rows(n: int = 6) -> list:
     return [(rand_seq(), 0.1 * i, 0.0, 0.0, f"chr{1 + i % 3}") for i in range(n)]
 
 
-@pytest.mark.parametrize("header", [["seq", "hepg2", "k562", "sknsh", c] for c in ("Chr", "CHROM", "Chromosome")]
+@pytest.mark.parametrize("header", [["seq", "hepg2", "k562", "sknsh", c]
+                                    for c in ("Chr", "CHROM", "Chromosome")]
                          + [["SEQ", "HepG2", "K562", " SKNSH", "chrom "]])
 def test_gosai_column_names_ignore_case_and_spaces(tmp_path, header):
     """Before, a chromosome column spelled Chr / CHROM / Chromosome was silently missed: the rows got random
     pseudo-chromosomes (and HepG2 was a missing column)."""
     rows = random_gosai_rows()
     d = D.load_data(write_gosai(tmp_path / "g.csv", header, rows))
-    assert d.chrom.tolist() == [r[4] for r in rows] and d.y[:, 0].tolist() == pytest.approx([r[1] for r in rows])
+    assert d.chrom.tolist() == [r[4] for r in rows]
+    assert d.y[:, 0].tolist() == pytest.approx([r[1] for r in rows])
 
 
 def test_gosai_utf8_bom_before_the_first_column(tmp_path):
@@ -164,14 +170,16 @@ def test_a_column_named_twice_in_different_case_is_an_error(tmp_path):
         D.load_data(write_gosai(tmp_path / "bad.csv", [*HEADER, "Chr"], rows))
 
 
-NAMES = {"chr1": "chr1", "1": "chr1", "Chr1": "chr1", "CHR01": "chr1", "01": "chr1", "2.0": "chr2", "chr2": "chr2",
-         "X": "chrX", "chrx": "chrX", "x": "chrX", "mt": "chrMT", "ChrM": "chrM", "chr3": "chr3", "chr4": "chr4"}
+NAMES = {"chr1": "chr1", "1": "chr1", "Chr1": "chr1", "CHR01": "chr1", "01": "chr1", "2.0": "chr2",
+         "chr2": "chr2", "X": "chrX", "chrx": "chrX", "x": "chrX", "mt": "chrMT", "ChrM": "chrM",
+         "chr3": "chr3", "chr4": "chr4"}
 
 
 def test_chromosome_names_are_normalised_alike_in_both_formats(tmp_path):
     """Before, the ENCODE reader kept names as written (1, Chr1 were not chr1: they trained the models while
     chr1 was the test set) and the Gosai reader kept x / chrx apart from X and 01 apart from 1."""
-    enc = D.load_data(write_encode(tmp_path / "e.tsv.gz", [(c, 0, "HepG2", 1.0, "train", rand_seq()) for c in NAMES]))
+    rows = [(c, 0, "HepG2", 1.0, "train", rand_seq()) for c in NAMES]
+    enc = D.load_data(write_encode(tmp_path / "e.tsv.gz", rows))
     gos = D.load_data(write_gosai(tmp_path / "g.csv", HEADER, [(rand_seq(), 0, 0, 0, c) for c in NAMES]))
     assert enc.chrom.tolist() == gos.chrom.tolist() == list(NAMES.values())
     s = D.split_by_chromosome(enc, "1", "Chr2")  # the flags' names are normalised too: 1 means chr1
@@ -214,8 +222,9 @@ def test_oracle_split_needs_two_training_chromosomes():
 
 
 def test_chromosome_split_partitions_the_rows_and_needs_test_and_validation():
-    d = D.DnaData(torch.arange(6)[:, None].repeat(1, D.SEQ_LEN) % 4, np.array(["chr1", "chr2", "chr3", "chr3", "chr1",
-                  "chr4"]), torch.tensor([1, 0, 1, 2, 1, 3]), torch.arange(6.0), "encode")
+    chrom = np.array(["chr1", "chr2", "chr3", "chr3", "chr1", "chr4"])
+    d = D.DnaData(torch.arange(6)[:, None].repeat(1, D.SEQ_LEN) % 4, chrom, torch.tensor([1, 0, 1, 2, 1, 3]),
+                  torch.arange(6.0), "encode")
     s = D.split_by_chromosome(d, "chr1", "chr2")
     assert [len(s[k]) for k in ("train", "val", "test")] == [3, 1, 2]
     assert set(s["train"].chrom) == {"chr3", "chr4"} and set(s["test"].chrom) == {"chr1"}
@@ -255,18 +264,20 @@ def test_pearson_of_a_constant_is_nan_whatever_the_dtype():
     assert math.isnan(D.pearson(a, torch.randn(n, dtype=torch.float64)))
     assert math.isnan(D.pearson(torch.randn(n, dtype=torch.float64), a))
     assert math.isnan(D.pearson(a, torch.full((n,), 0.18905338179353307, dtype=torch.float64)))
-    assert math.isnan(D.pearson(a.float(), torch.randn(n))) and math.isnan(D.spearman(a, torch.randn(n, dtype=torch.float64)))
+    assert math.isnan(D.pearson(a.float(), torch.randn(n)))
+    assert math.isnan(D.spearman(a, torch.randn(n, dtype=torch.float64)))
     assert math.isnan(D.pearson(torch.zeros(0), torch.zeros(0)))
 
 
 def test_motif_hits_by_hand_both_strands():
-    # rows A, C, G, T; consensus "AC" scores 4, the worst window -2; the reverse-complement motif has consensus "GT"
+    # rows A, C, G, T; consensus "AC" scores 4, the worst window -2; the reverse-complement motif has
+    # consensus "GT"
     pwm = torch.tensor([[2.0, -1.0], [-1.0, 2.0], [-1.0, -1.0], [-1.0, -1.0]])
     x = D.encode_sequences(["ACGT", "CCCA"], length=4)
     # threshold 1 (score 4 only): ACGT has AC (forward) and GT (reverse strand); CCCA none -> 2
     assert D.motif_hits(x, [pwm], 1.0).tolist() == [2.0]
-    # threshold 0.5 (score >= -2 + 0.5 * 6 = 1): forward AC=4 in ACGT, CC=1 twice in CCCA; reverse GT=4 in ACGT;
-    # every other window (CG, GT fwd, CA; AC, CG, CC, CA rev) scores -2 -> 4
+    # threshold 0.5 (score >= -2 + 0.5 * 6 = 1): forward AC=4 in ACGT, CC=1 twice in CCCA; reverse GT=4 in
+    # ACGT; every other window (CG, GT fwd, CA; AC, CG, CC, CA rev) scores -2 -> 4
     assert D.motif_hits(x, [pwm], 0.5).tolist() == [4.0]
     # a window that would run past the end never counts: a 2-wide motif on a 1-base sequence
     assert D.motif_hits(D.encode_sequences(["A"], length=1), [pwm], 0.0).tolist() == [0.0]
@@ -274,8 +285,10 @@ def test_motif_hits_by_hand_both_strands():
 
 def test_hepg2_score_and_auroc_by_hand():
     # ENCODE: log-odds = logit_HepG2 - logsumexp(other logits); HepG2 is class 1
-    assert D.hepg2_score(torch.tensor([[0.0, math.log(3.0), 0.0, 0.0]]), "encode").item() == pytest.approx(0.0, abs=1e-6)
-    assert D.hepg2_score(torch.tensor([[2.0, 0, 0, 0]]), "encode").item() == pytest.approx(-math.log(math.e ** 2 + 2))
+    even = D.hepg2_score(torch.tensor([[0.0, math.log(3.0), 0.0, 0.0]]), "encode").item()
+    assert even == pytest.approx(0.0, abs=1e-6)
+    low = D.hepg2_score(torch.tensor([[2.0, 0, 0, 0]]), "encode").item()
+    assert low == pytest.approx(-math.log(math.e ** 2 + 2))
     assert D.hepg2_score(torch.tensor([[1.5, 9.0, 9.0]]), "gosai").item() == 1.5
     # AUROC: positives scored 0.9, 0.4; negatives 0.5, 0.1 -> 3 of the 4 pairs ordered right
     assert D.auroc(torch.tensor([0.9, 0.4, 0.5, 0.1]), torch.tensor([1, 1, 0, 0])) == pytest.approx(0.75)
@@ -291,15 +304,17 @@ def test_jaspar_motifs_load_offline():
 # ---------------------------------------------------------------------------- the pipeline at toy size
 
 
-TOY = ["--threads", "1", "--hidden", "8", "--pretrain-steps", "4", "--pretrain-batch", "8", "--val-every", "2",  # toy sizes
-       "--oracle-dim", "12", "--oracle-downsamples", "3", "--oracle-epochs", "1", "--access-epochs", "1", "--oracle-batch",
-       "16", "--iters", "2", "--batch", "2", "--group", "2", "--steps", "3", "--kl-steps", "2", "--pl-positions", "2",
-       "--ckpt-every", "1", "--n-eval", "6", "--bon-max", "2", "--elbo-t", "2"]
+TOY = ["--threads", "1", "--hidden", "8", "--pretrain-steps", "4", "--pretrain-batch", "8",  # toy sizes
+       "--val-every", "2", "--oracle-dim", "12", "--oracle-downsamples", "3", "--oracle-epochs", "1",
+       "--access-epochs", "1", "--oracle-batch", "16", "--iters", "2", "--batch", "2", "--group", "2",
+       "--steps", "3", "--kl-steps", "2", "--pl-positions", "2", "--ckpt-every", "1", "--n-eval", "6",
+       "--bon-max", "2", "--elbo-t", "2"]
 
 
 def docs_script(name: str):
     """A script of docs/ (they are not a package) as a module."""
-    spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(__file__), "docs", f"{name}.py"))
+    path = os.path.join(os.path.dirname(__file__), "docs", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -307,8 +322,13 @@ def docs_script(name: str):
 
 @pytest.fixture(scope="module")
 def toy_data(tmp_path_factory):
-    rows = [(f"chr{c}", i, D.CELL_TYPES[i % 4], float(i), "train", rand_seq()) for c in (1, 2, 3, 4, 5, 6) for i in range(12)]
-    return write_encode(tmp_path_factory.mktemp("data") / "toy.tsv.gz", rows)
+    return write_encode(tmp_path_factory.mktemp("data") / "toy.tsv.gz", toy_rows())
+
+
+def toy_rows() -> list:
+    """Twelve rows on each of chr1..chr6, the four cell types in turn."""
+    return [(f"chr{c}", i, D.CELL_TYPES[i % 4], float(i), "train", rand_seq())
+            for c in range(1, 7) for i in range(12)]
 
 
 def run(out, data, *extra):
@@ -317,7 +337,7 @@ def run(out, data, *extra):
 
 @pytest.mark.slow
 def test_pipeline_smoke_cached_and_reproducible(tmp_path, toy_data, capsys):
-    toy_data = str(shutil.copy(toy_data, tmp_path / "toy.tsv.gz"))  # this test changes its data file at the end
+    toy_data = str(shutil.copy(toy_data, tmp_path / "toy.tsv.gz"))  # this test changes the file at the end
     res = run(tmp_path / "a", toy_data, "--iters", "2")  # best-of-N budget: 1 + ceil(2 * 2 * 2 / 6) = 3
     assert set(res) == {"Pre-trained", "SEPO", "SEPO with GF", "Best-of-3 (ft oracle)", "Data (chr1, HepG2)"}
     for r in res.values():
@@ -335,23 +355,29 @@ def test_pipeline_smoke_cached_and_reproducible(tmp_path, toy_data, capsys):
     saved = json.loads((tmp_path / "a" / "results.json").read_text())
     assert [h["iteration"] for h in saved["runs"]["SEPO"]["history"]] == [1, 2]
     assert [p["iteration"] for p in saved["runs"]["SEPO"]["probes"]] == [1, 2]  # ckpt_every 1: a probe each
-    docs_script("dna_tradeoff").main(*[str(tmp_path / "a")] * 2, out=str(tmp_path / "tradeoff.png"))  # + a point
+    tradeoff = docs_script("dna_tradeoff")
+    tradeoff.main(*[str(tmp_path / "a")] * 2, out=str(tmp_path / "tradeoff.png"))  # the run twice: + a point
     assert os.path.getsize(tmp_path / "tradeoff.png") > 1000
     assert [b["N"] for b in saved["best_of_n"]] == [1, 2]
     weak = {k for k, r in saved["oracles"].items()
             if k != "agreement" and any(m.endswith("auroc") and v < 0.6 for m, v in r.items())}
     log = capsys.readouterr().out
-    assert {k for k in saved["oracles"] if f"WARNING: {k} is near chance" in log} == weak  # a warning per weak model
+    warned = {k for k in saved["oracles"] if f"WARNING: {k} is near chance" in log}
+    assert warned == weak  # a warning per weak model
     docs_script("frontier").main("dna", [str(tmp_path / "a")], out=str(tmp_path / "frontier.png"))
     table = capsys.readouterr().out.splitlines()
-    sepo_row = next(l for l in table if l.startswith("| pl/snis | alpha 0.2 | 3 |"))  # budget 1 + ceil(2 * 2 * 2 / 6)
-    assert f"| {res['SEPO']['Pred-Activity']:.3f} | " in sepo_row and os.path.getsize(tmp_path / "frontier.png") > 1000
+    # the budget of best-of-N is 1 + ceil(2 * 2 * 2 / 6) = 3
+    sepo_row = next(l for l in table if l.startswith("| pl/snis | alpha 0.2 | 3 |"))
+    assert f"| {res['SEPO']['Pred-Activity']:.3f} | " in sepo_row
+    assert os.path.getsize(tmp_path / "frontier.png") > 1000
     cells = [[c.strip() for c in l.strip("|").split("|")] for l in table if l.startswith("| best-of-")]
-    assert [c[2] for c in cells] == ["1", "2"] and cells[0][3] == "<= 0.00"  # N, its sampling budget; KL <= log N - ...
+    assert [c[2] for c in cells] == ["1", "2"]  # N, its sampling budget
+    assert cells[0][3] == "<= 0.00"  # KL <= log N - ...
     # second run: every stage comes from the cache and the numbers are identical
     again = run(tmp_path / "a", toy_data, "--iters", "2")
     log = capsys.readouterr().out
-    assert "[pretrain] cached" in log and "[ft_oracle] cached" in log and "[sepo] cached" in log and "[sepo] it" not in log
+    assert "[pretrain] cached" in log and "[ft_oracle] cached" in log and "[sepo] cached" in log
+    assert "[sepo] it" not in log
     for name in res:
         for k, v in res[name].items():
             if k != "pred":
@@ -359,7 +385,8 @@ def test_pipeline_smoke_cached_and_reproducible(tmp_path, toy_data, capsys):
     # a checkpoint made with other settings is refused, not silently reused
     with pytest.raises(ValueError, match="other settings"):
         run(tmp_path / "a", toy_data, "--iters", "2", "--pretrain-lr", "0.1")
-    with pytest.raises(ValueError, match="holds 2 iterations, more than --iters 1"):  # not the 2-iteration model
+    # a shorter run is not the 2-iteration model
+    with pytest.raises(ValueError, match="holds 2 iterations, more than --iters 1"):
         run(tmp_path / "a", toy_data, "--iters", "1")
     # another --access-epochs concerns the accessibility CNN only: the Enformer oracles stay cached
     capsys.readouterr()
@@ -372,14 +399,13 @@ def test_pipeline_smoke_cached_and_reproducible(tmp_path, toy_data, capsys):
     with pytest.raises(ValueError, match=r"sepo.pt was made with other settings \{'oracle_lr'"):
         run(tmp_path / "a", toy_data, "--iters", "2", "--oracle-lr", "0.01")
     # the data file changed in place (same path, other content): no stage is reused
-    rows = [(f"chr{c}", i, D.CELL_TYPES[i % 4], float(i), "train", rand_seq()) for c in (1, 2, 3, 4, 5, 6) for i in range(12)]
-    write_encode(toy_data, rows)
+    write_encode(toy_data, toy_rows())
     with pytest.raises(ValueError, match=r"pretrain.pt was made with other settings \{'data_sha256'"):
         run(tmp_path / "a", toy_data, "--iters", "2")
 
 
 def seeds_used(monkeypatch, main, *argv) -> set:
-    """Every seed main(argv) gives torch.manual_seed or a torch.Generator. (test_train_text.py uses it too.)"""
+    """Every seed main(argv) gives torch.manual_seed or a torch.Generator (test_train_text.py uses it too)."""
     seen = set()
 
     class Generator(torch.Generator):
@@ -395,11 +421,13 @@ def seeds_used(monkeypatch, main, *argv) -> set:
 
 @pytest.mark.slow
 def test_seeds_share_no_random_stream(tmp_path, toy_data, monkeypatch):
-    """Stage k seeds its streams with 1000 * --seed + k. Before, it was --seed + k: --seed 1's fine-tuning oracle
-    (1 + 10) started where --seed 0's evaluation oracle (0 + 11) did, and its plain SEPO run drew --seed 0's
-    corrector run's stream."""
-    used = [seeds_used(monkeypatch, T.main, "--data", toy_data, "--out", str(tmp_path / s), *TOY, "--seed", s, "--iters", "1")
-            for s in "01"]
+    """Stage k seeds its streams with 1000 * --seed + k. Before, it was --seed + k: --seed 1's fine-tuning
+    oracle (1 + 10) started where --seed 0's evaluation oracle (0 + 11) did, and its plain SEPO run drew
+    --seed 0's corrector run's stream."""
+    used = []
+    for s in "01":
+        argv = ["--data", toy_data, "--out", str(tmp_path / s), *TOY, "--seed", s, "--iters", "1"]
+        used.append(seeds_used(monkeypatch, T.main, *argv))
     assert len(used[0]) >= 10 and not used[0] & used[1]
 
 
@@ -429,7 +457,8 @@ def test_pretrain_validation_rows_are_a_fixed_random_subset(tmp_path, monkeypatc
     cls = torch.arange(4).repeat_interleave(1024)  # sorted by class, as the vendored file
     xval = torch.randint(4, (len(cls), D.SEQ_LEN), generator=torch.Generator().manual_seed(0))
     xval[:, 0] = cls  # the first base tells the class
-    train = data(torch.randint(4, (64, D.SEQ_LEN), generator=torch.Generator().manual_seed(1)), torch.zeros(64).long())
+    xtrain = torch.randint(4, (64, D.SEQ_LEN), generator=torch.Generator().manual_seed(1))
+    train = data(xtrain, torch.zeros(64).long())
     seen, loss = [], T.sepo.pretrain_loss
 
     def spy(model, graph, noise, x, **kw):
@@ -437,13 +466,16 @@ def test_pretrain_validation_rows_are_a_fixed_random_subset(tmp_path, monkeypatc
             seen.append(x.cpu())
         return loss(model, graph, noise, x, **kw)
     monkeypatch.setattr(T.sepo, "pretrain_loss", spy)
-    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
     cfg = T.parse_args([*TOY, "--out", str(tmp_path / "a")])  # validation at steps 2 and 4
     model = T.pretrain(cfg, train, data(xval, cls), torch.device("cpu"))
     rows = torch.cat(seen)
-    assert len(rows) == 2 * 2048 and rows[:2048].equal(rows[2048:]) and len(torch.unique(rows[:2048], dim=0)) == 2048
+    assert len(rows) == 2 * 2048 and rows[:2048].equal(rows[2048:])
+    assert len(torch.unique(rows[:2048], dim=0)) == 2048
     assert set(rows[:, 0].tolist()) == {0, 1, 2, 3}  # before: {0, 1}
-    other = T.pretrain(T.parse_args([*TOY, "--out", str(tmp_path / "b")]), train, data(xval.flip(0), cls), "cpu")
+    cfg_b = T.parse_args([*TOY, "--out", str(tmp_path / "b")])
+    other = T.pretrain(cfg_b, train, data(xval.flip(0), cls), "cpu")
     assert all(p.equal(q) for p, q in zip(model.parameters(), other.parameters()))
 
 
@@ -462,10 +494,12 @@ def test_data_row_is_the_top_hepg2_set_of_the_test_chromosome(tmp_path, monkeypa
 
         def forward(self, x):
             return self.emb(x).mean(1)
-    monkeypatch.setattr(T, "draw", lambda cfg, model, n, gf, seed: torch.randint(4, (n, D.SEQ_LEN)))  # no sampler
+    no_sampler = lambda cfg, model, n, gf, seed: torch.randint(4, (n, D.SEQ_LEN))
+    monkeypatch.setattr(T, "draw", no_sampler)
     cfg = T.parse_args([*TOY, "--out", str(tmp_path)])
     results, _ = T.evaluate(cfg, lambda x: {"x": x}, None, {}, {"ft_oracle": Oracle()}, test)
-    assert results["Data (chr1, HepG2)"]["x"].equal(x[[13, 12, 11, 10, 9, 8]]) and D.top_hepg2(test, 6).equal(x[8:14].flip(0))
+    assert results["Data (chr1, HepG2)"]["x"].equal(x[[13, 12, 11, 10, 9, 8]])
+    assert D.top_hepg2(test, 6).equal(x[8:14].flip(0))
 
 
 def test_help_documents_every_flag(capsys):
@@ -479,8 +513,9 @@ def test_help_documents_every_flag(capsys):
 
 def test_paper_preset_and_overrides():
     c = T.parse_args(["--preset", "paper"])
-    assert (c.steps, c.batch, c.group, c.epochs, c.snis, c.clip_eps, c.kl_coef, c.kl_steps, c.lr, c.n_eval) == \
-        (128, 8, 8, 2, 4, 0.2, 0.05, 10, 1e-4, 640)
+    settings = (c.steps, c.batch, c.group, c.epochs, c.snis, c.clip_eps, c.kl_coef, c.kl_steps, c.lr,
+                c.n_eval)
+    assert settings == (128, 8, 8, 2, 4, 0.2, 0.05, 10, 1e-4, 640)
     assert T.parse_args(["--preset", "paper", "--steps", "64"]).steps == 64
     assert T.parse_args([]).steps == T.Config().steps
 
@@ -492,11 +527,27 @@ def test_bad_settings_fail_before_any_work(tmp_path, capsys):
         assert "invalid choice" in capsys.readouterr().err
     with pytest.raises(ValueError, match="group_size must be >= 1"):
         T.main(["--group", "0", "--out", str(tmp_path / "x")])
-    for flag, value, rule in (("--ckpt-every", "0", "> 0"), ("--pretrain-steps", "0", "> 0"), ("--kl-coef", "nan", ">= 0"),
-                              ("--corrector-steps", "-1", ">= 0")):
-        with pytest.raises(ValueError, match=f"{flag} must be {rule}, got"):  # before, these failed late or silently
+    for flag, value, rule in (("--ckpt-every", "0", "> 0"), ("--pretrain-steps", "0", "> 0"),
+                              ("--kl-coef", "nan", ">= 0"), ("--corrector-steps", "-1", ">= 0")):
+        with pytest.raises(ValueError, match=f"{flag} must be {rule}, got"):  # before: late, or silently
             T.main([flag, value, "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
+
+
+def test_the_drivers_shared_evaluation_helpers():
+    """train_common's best-of-N pieces and table, which both drivers' tables rest on."""
+    import train_common as C
+
+    class Cfg:
+        iters, batch, group = 40, 4, 8
+    # 1 + ceil(40 * 4 * 8 / n): the DNA default's best-of-3 for n = 640
+    assert C.sampling_budget(Cfg, 640) == 3 and C.sampling_budget(Cfg, 6) == 1 + 214
+    assert C.bon_sizes(8) == [1, 2, 4, 8] and C.bon_sizes(6) == [1, 2, 4, 6] and C.bon_sizes(0) == []
+    pool = torch.arange(12).view(2, 3, 2)  # 2 outputs, 3 draws of 2 tokens each
+    reward = torch.tensor([[0.0, 5.0, 9.0], [3.0, 3.0, 1.0]])
+    assert C.best_of(pool, reward, 2).tolist() == [[2, 3], [6, 7]]  # a tie: the first draw
+    assert C.best_of(pool, reward, 3).tolist() == [[4, 5], [6, 7]]
+    assert C.markdown_table(["a", "b"], [["1", "2"]]) == ["| a | b |", "|---|---|", "| 1 | 2 |"]
 
 
 def test_train_loop_resumes_exactly_metrics_included(tmp_path):
@@ -539,9 +590,11 @@ def test_bench_runs_one_step_per_variant(capsys):
 
 @pytest.mark.slow
 def test_pipeline_on_a_gosai_csv(tmp_path):
-    rows = [(rand_seq(), RNG.normal(), RNG.normal(), RNG.normal(), f"chr{c}") for c in (1, 2, 3, 4, 5, 6) for _ in range(10)]
+    rows = [(rand_seq(), RNG.normal(), RNG.normal(), RNG.normal(), f"chr{c}")
+            for c in range(1, 7) for _ in range(10)]
     data = write_gosai(tmp_path / "gosai.csv", HEADER, rows)
-    res = T.main(["--data", data, "--out", str(tmp_path / "g"), *TOY, "--iters", "1", "--corrector-steps", "0"])
+    res = T.main(["--data", data, "--out", str(tmp_path / "g"), *TOY, "--iters", "1", "--corrector-steps",
+                  "0"])
     assert "SEPO" in res and "Data (chr1, HepG2)" in res
     rep = json.loads((tmp_path / "g" / "results.json").read_text())["oracles"]
     assert "test_hepg2_pearson" in rep["ft_oracle"] and "test_hepg2_pearson" in rep["eval_oracle"]
@@ -555,7 +608,8 @@ def test_a_seeded_run_is_bit_identical_twice_and_resumed(tmp_path, toy_data, dri
     iteration and resumed, gives bit-identical SEPO weights, samples and table (docs/dna.md, docs/text.md)."""
     module = importlib.import_module(driver)
     if driver == "train_dna":
-        argv, ckpt, outputs = ["--data", toy_data, *TOY], "sepo.pt", ["samples_sepo.txt", "samples_pre-trained.txt"]
+        argv, ckpt = ["--data", toy_data, *TOY], "sepo.pt"
+        outputs = ["samples_sepo.txt", "samples_pre-trained.txt"]
     else:
         from test_train_text import TINY
         argv, ckpt, outputs = TINY, "sepo_steps4.pt", ["examples_steps4.txt"]
@@ -565,7 +619,8 @@ def test_a_seeded_run_is_bit_identical_twice_and_resumed(tmp_path, toy_data, dri
     ref = torch.load(tmp_path / "a" / ckpt, weights_only=False)
     for other in "bc":
         got = torch.load(tmp_path / other / ckpt, weights_only=False)
-        assert all(torch.equal(v, got["trainer"]["model"][k]) for k, v in ref["trainer"]["model"].items()), other
+        weights = got["trainer"]["model"]
+        assert all(torch.equal(v, weights[k]) for k, v in ref["trainer"]["model"].items()), other
         assert untimed(got["history"]) == untimed(ref["history"])
         assert (rows[other] if driver == "train_dna" else rows[other]["rows"]) == (
             rows["a"] if driver == "train_dna" else rows["a"]["rows"])
@@ -684,14 +739,17 @@ def test_drakes_reward_oracle_eval_atac_column_and_absent_rows(tmp_path, capsys)
     assert "trained on the evaluation oracle (as the SEPO reference code)" in table
     assert "column 5 (A549)" in table and "zero_alpha" not in table
     settings = torch.load(tmp_path / "out" / "sepo.pt", weights_only=True)["settings"]
-    assert settings["reward_oracle"] == "eval" and settings["reward_sha256"] == T.sha256(files["eval_oracle"])
+    assert settings["reward_oracle"] == "eval"
+    assert settings["reward_sha256"] == D.file_sha256(files["eval_oracle"])
 
 
 def test_drakes_missing_files_are_one_error_before_any_work(tmp_path, monkeypatch):
     from test_drakes_models import write_drakes_release
     files = write_drakes_release(tmp_path / "rel", zero_alpha=False, atac=False)
     os.remove(files["eval_oracle"])
-    monkeypatch.setattr(T, "load_release_networks", lambda *a, **k: pytest.fail("a network was loaded"))
+    import models.drakes  # load_release (models/drakes.py) loads the networks once every file is found
+    loaded = lambda *a, **k: pytest.fail("a network was loaded")
+    monkeypatch.setattr(models.drakes, "load_release_networks", loaded)
     missing = r"2 file\(s\) missing:\n  eval_oracle: .*_eval.ckpt: the evaluation oracle.*\n  atac: .*_atac_"
     with pytest.raises(FileNotFoundError, match=missing):
         drakes_run(tmp_path / "rel", tmp_path / "out")

@@ -16,13 +16,15 @@ from data import text as D
 
 torch.set_num_threads(1)  # tiny models: threads only add overhead (and the CI box is shared)
 
-# toy sizes: the whole pipeline in seconds. TINY adds one gold-labelled policy pair per prompt; with --data the
-# driver's default is none (a real file has real labels), which TINY_SIZES leaves in place.
-TINY_SIZES = ["--threads", "1", "--vocab", "300", "--prompt-len", "12", "--response-len", "8", "--d-model", "32",
-              "--n-layers", "1", "--n-heads", "2", "--pretrain-steps", "20", "--pretrain-batch", "16", "--rm-d-model", "32",
-              "--rm-layers", "1", "--rm-heads", "2", "--rm-epochs", "0.05", "--rm-batch", "32", "--steps", "4", "--iters", "2",
-              "--batch", "2", "--group", "2", "--lr", "1e-4", "--epochs", "1", "--kl-steps", "2", "--snis", "2",
-              "--pl-positions", "4", "--ckpt-every", "1", "--eval-prompts", "8", "--eval-samples", "2", "--elbo-t", "2"]
+# toy sizes: the whole pipeline in seconds. TINY adds one gold-labelled policy pair per prompt; with --data
+# the driver's default is none (a real file has real labels), which TINY_SIZES leaves in place.
+TINY_SIZES = ["--threads", "1", "--vocab", "300", "--prompt-len", "12", "--response-len", "8",
+              "--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--pretrain-steps", "20",
+              "--pretrain-batch", "16", "--rm-d-model", "32", "--rm-layers", "1", "--rm-heads", "2",
+              "--rm-epochs", "0.05", "--rm-batch", "32", "--steps", "4", "--iters", "2", "--batch", "2",
+              "--group", "2", "--lr", "1e-4", "--epochs", "1", "--kl-steps", "2", "--snis", "2",
+              "--pl-positions", "4", "--ckpt-every", "1", "--eval-prompts", "8", "--eval-samples", "2",
+              "--elbo-t", "2"]
 TINY = [*TINY_SIZES, "--policy-pairs", "1"]
 
 
@@ -37,7 +39,8 @@ def write_jsonl(path, lines):
 
 
 GOOD = [
-    json.dumps({"chosen": hh([("Human", "How do I bake bread?")], "Mix flour, water and yeast, then bake it."),
+    json.dumps({"chosen": hh([("Human", "How do I bake bread?")],
+                             "Mix flour, water and yeast, then bake it."),
                 "rejected": hh([("Human", "How do I bake bread?")], "No idea.")}),
     "",  # blank lines are allowed
     json.dumps({"chosen": hh([("Human", "Hi"), ("Assistant", "Hello!"), ("Human", "Thanks for the help")],
@@ -69,11 +72,14 @@ def test_hh_loader_good_lines(tmp_path, name):
     (json.dumps({"chosen": hh([("Human", "hi")], "yo")}), "'rejected'"),
     (json.dumps({"chosen": hh([("Human", "hi")], "yo"), "rejected": 3}), "'rejected'"),
     (json.dumps({"chosen": "Human: hi Assistant: yo", "rejected": "Human: hi Assistant: no"}), "expected"),
-    (json.dumps({"chosen": hh([("Human", "  ")], "yo"), "rejected": hh([("Human", "  ")], "no")}), "empty prompt"),
-    (json.dumps({"chosen": "preamble" + hh([("Human", "hi")], "yo"), "rejected": hh([("Human", "hi")], "no")}),
+    (json.dumps({"chosen": hh([("Human", "  ")], "yo"), "rejected": hh([("Human", "  ")], "no")}),
+     "empty prompt"),
+    (json.dumps({"chosen": "preamble" + hh([("Human", "hi")], "yo"),
+                 "rejected": hh([("Human", "hi")], "no")}),
      "before the first"),
     # valid JSON, but an unpaired surrogate is not text (the tokenizer would fail later, naming nothing)
-    (json.dumps({"chosen": hh([("Human", "hi")], "yo"), "rejected": hh([("Human", "hi")], "no")}).replace("no", "n\\ud83d"),
+    (json.dumps({"chosen": hh([("Human", "hi")], "yo"),
+                 "rejected": hh([("Human", "hi")], "no")}).replace("no", "n\\ud83d"),
      "unpaired surrogate"),
 ])
 def test_hh_loader_malformed_lines_name_the_line(tmp_path, bad, message):
@@ -152,10 +158,12 @@ def test_gold_judge_is_the_documented_rule():
     assert D.gold_score("") == -2.0
     # length penalty: a bare "Yes" loses 3 * 0.15 against a neutral 4-word answer
     assert D.gold_score("Yes") < D.gold_score("It is a computer")
-    # markers are word prefixes, each counted once: "thanks" is "thank" and "thanks" (+0.5), "hopeless" is "hope"
+    # markers are word prefixes, each counted once: "thanks" is "thank" and "thanks" (+0.5), "hopeless" is
+    # "hope"
     vader = D._VADER.polarity_scores
-    assert D.gold_score("Thanks for asking me that") == pytest.approx(vader("Thanks for asking me that")["compound"] + 0.5)
-    assert D.gold_score("It is hopeless for me") == pytest.approx(vader("It is hopeless for me")["compound"] + 0.25)
+    thanks, hopeless = "Thanks for asking me that", "It is hopeless for me"
+    assert D.gold_score(thanks) == pytest.approx(vader(thanks)["compound"] + 0.5)
+    assert D.gold_score(hopeless) == pytest.approx(vader(hopeless)["compound"] + 0.25)
 
 
 def test_reward_model_loss_decreases_on_separable_pairs():
@@ -201,7 +209,8 @@ def test_policy_pairs_are_ordered_by_the_gold_judge(tok):
     model.head.weight.data.normal_()
     model.head.bias.data[real] = 5.0
     data = D.TextData(tok, None, None, [], None, None, None)
-    prompts, _ = D.encode_prompts(tok, [[("Human", "hello there")], [("Human", "thank you")]], args.prompt_len)
+    dialogues = [[("Human", "hello there")], [("Human", "thank you")]]
+    prompts, _ = D.encode_prompts(tok, dialogues, args.prompt_len)
     chosen, rejected = T.policy_pairs(args, data, graph, noise, model.eval(), prompts, seed=0)
     assert 0 < len(chosen) <= 2 * 3 and chosen.shape == rejected.shape
     P = args.prompt_len
@@ -251,9 +260,10 @@ def test_bad_settings_fail_before_any_work(tmp_path, capsys):
         with pytest.raises(SystemExit):
             T.main([*bad, "--out", str(tmp_path / "x")])
         assert "invalid choice" in capsys.readouterr().err
-    for flag, value, rule in (("--kl-steps", "-1", ">= 0"), ("--kl-coef", "nan", ">= 0"), ("--eval-samples", "0", "> 0"),
-                              ("--pretrain-steps", "0", "> 0")):  # 0 steps: a division by zero in the lr schedule
-        with pytest.raises(ValueError, match=f"{flag} must be {rule}, got"):  # before, these failed after the pipeline
+    # 0 pre-training steps: a division by zero in the lr schedule; before, these failed after the pipeline
+    for flag, value, rule in (("--kl-steps", "-1", ">= 0"), ("--kl-coef", "nan", ">= 0"),
+                              ("--eval-samples", "0", "> 0"), ("--pretrain-steps", "0", "> 0")):
+        with pytest.raises(ValueError, match=f"{flag} must be {rule}, got"):
             T.main([flag, value, "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
 
@@ -261,11 +271,11 @@ def test_bad_settings_fail_before_any_work(tmp_path, capsys):
 def test_bootstrap_interval_over_prompts():
     rng = np.random.default_rng(0)
     small, large = rng.random(20), rng.random(2000)
-    lo, hi = T.bootstrap_ci(small)
+    lo, hi = D.bootstrap_ci(small)
     assert lo < small.mean() < hi
-    lo2, hi2 = T.bootstrap_ci(large)
+    lo2, hi2 = D.bootstrap_ci(large)
     assert lo2 < large.mean() < hi2 and (hi2 - lo2) < (hi - lo) / 5  # ~ 1 / sqrt(number of prompts)
-    assert T.bootstrap_ci(np.full(7, 0.5)) == (0.5, 0.5)
+    assert D.bootstrap_ci(np.full(7, 0.5)) == (0.5, 0.5)
 
 
 def test_bench_times_one_step_and_writes_nothing(tmp_path, capsys):
@@ -280,8 +290,9 @@ def test_pipeline_smoke_and_resume(tmp_path, capsys):
     out = str(tmp_path / "run")
     res = T.main([*TINY, "--out", out])
     names = set(os.listdir(out))
-    for f in ["tokenizer.json", "pretrain.pt", "policy_pairs_steps4.pt", "reward_model_steps4.pt", "sepo_steps4.pt",
-              "curves_steps4.png", "results_steps4.md", "results_steps4.json", "examples_steps4.txt"]:
+    for f in ["tokenizer.json", "pretrain.pt", "policy_pairs_steps4.pt", "reward_model_steps4.pt",
+              "sepo_steps4.pt", "curves_steps4.png", "results_steps4.md", "results_steps4.json",
+              "examples_steps4.txt"]:
         assert f in names, f
     assert not [f for f in names if f.endswith(".tmp")]  # atomic writes leave no temp files
     rows = {r["model"]: r for r in res["rows"]}
@@ -304,12 +315,14 @@ def test_pipeline_smoke_and_resume(tmp_path, capsys):
     assert os.path.getsize(tmp_path / "tradeoff.png") > 1000
     assert f"| 0.1 | {sepo_row['rm_score']:.3f} | {sepo_row['gold_win']:.3f} [" in table
     assert f"| pre-trained | {rows['pre-trained']['rm_score']:.3f} |" in table
-    # --bon-max: best-of-N by the reward model, a row at SEPO's budget (1 + ceil(2 * 2 * 2 / 16) = 2) and the curve
+    # --bon-max: best-of-N by the reward model, a row at SEPO's budget (1 + ceil(2 * 2 * 2 / 16) = 2) and the
+    # curve
     res = T.main([*TINY, "--out", out, "--bon-max", "3"])
     assert [c["N"] for c in res["best_of_n"]] == [1, 2, 3] and res["rows"][-1]["model"] == "best-of-2 (RM)"
     assert res["best_of_n"][1]["rm_score"] == pytest.approx(res["rows"][-1]["rm_score"])  # the same samples
     assert res["best_of_n"][2]["rm_score"] >= res["best_of_n"][0]["rm_score"]  # picked by that score
-    spec = importlib.util.spec_from_file_location("frontier", os.path.join(os.path.dirname(__file__), "docs", "frontier.py"))
+    path = os.path.join(os.path.dirname(__file__), "docs", "frontier.py")
+    spec = importlib.util.spec_from_file_location("frontier", path)
     frontier = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(frontier)
     capsys.readouterr()
@@ -325,7 +338,8 @@ def test_pipeline_smoke_and_resume(tmp_path, capsys):
     # a stage made with other settings is refused, not silently reused
     with pytest.raises(ValueError, match="other settings"):
         T.main([*TINY, "--out", out, "--d-model", "48"])
-    with pytest.raises(ValueError, match="holds 3 iterations, more than --iters 2"):  # not the 3-iteration model
+    # a shorter run is not the 3-iteration model
+    with pytest.raises(ValueError, match="holds 3 iterations, more than --iters 2"):
         T.main([*TINY, "--out", out, "--iters", "2"])
 
 
@@ -334,13 +348,15 @@ def test_seeds_share_no_random_stream(tmp_path, monkeypatch):
     """Stage k seeds its streams with 1000 * --seed + k. Before, it was --seed + k: --seed 1 pre-trained from
     --seed 0's reward-model stream (0 + 1) and split its data with it."""
     from test_train_dna import seeds_used
-    used = [seeds_used(monkeypatch, T.main, *TINY, "--seed", s, "--iters", "1", "--out", str(tmp_path / s)) for s in "01"]
+    used = [seeds_used(monkeypatch, T.main, *TINY, "--seed", s, "--iters", "1", "--out", str(tmp_path / s))
+            for s in "01"]
     assert len(used[0]) >= 6 and not used[0] & used[1]
 
 
 @pytest.mark.slow
 def test_pipeline_on_a_real_format_file_and_the_uniform_graph(tmp_path):
-    """--data reads an HH-RLHF file of your own (here a small .jsonl.gz); the uniform graph runs end to end."""
+    """--data reads an HH-RLHF file of your own (here a small .jsonl.gz); the uniform graph runs end to
+    end."""
     rng = np.random.default_rng(1)
     words = ["good", "fine", "thanks", "sorry", "bad", "no", "sure", "great", "maybe", "ok"]
     lines = []
@@ -350,22 +366,27 @@ def test_pipeline_on_a_real_format_file_and_the_uniform_graph(tmp_path):
         lines.append(json.dumps({"chosen": D.to_hh(prompt, a), "rejected": D.to_hh(prompt, b)}))
     path = str(tmp_path / "hh.jsonl.gz")
     write_jsonl(path, lines)
-    res = T.main([*TINY_SIZES, "--data", path, "--graph", "uniform", "--out", str(tmp_path / "u"), "--prompt-len", "24"])
+    argv = [*TINY_SIZES, "--data", path, "--graph", "uniform", "--out", str(tmp_path / "u"), "--prompt-len",
+            "24"]
+    res = T.main(argv)
     assert res["info"]["data"]["pairs"] == 60 and res["info"]["data"]["skipped_long_prompts"] == 0
     assert "accuracy_samples" not in res["info"]  # a real file: no gold-labelled policy pairs
     assert all(math.isfinite(r["nll_per_token"]) for r in res["rows"])
     # the file changed in place (same path, other pairs): the tokenizer is retrained and no stage is reused
     write_jsonl(path, lines[::-1][:50])
     with pytest.raises(ValueError, match=r"pretrain.pt was made with other settings \{'data_sha256'"):
-        T.main([*TINY_SIZES, "--data", path, "--graph", "uniform", "--out", str(tmp_path / "u"), "--prompt-len", "24"])
+        T.main(argv)
 
 
-# ---------------------------------------------------------------------------- review fixes: split, metrics, encoding
+# ---------------------------------------------------------------------------- review fixes: split, metrics,
+# encoding
 def write_pairs(tmp_path, n=40):
     """A small HH-format file: n one-turn prompts x 2 pairs, chosen and rejected never equal."""
-    rng, words = np.random.default_rng(0), ["good", "fine", "thanks", "sorry", "bad", "sure", "great", "maybe", "ok"]
-    lines = [json.dumps({"chosen": D.to_hh([("Human", f"question {i}")], "sure " + " ".join(rng.choice(words, 3))),
-                         "rejected": D.to_hh([("Human", f"question {i}")], "no " + " ".join(rng.choice(words, 3)))})
+    rng = np.random.default_rng(0)
+    words = ["good", "fine", "thanks", "sorry", "bad", "sure", "great", "maybe", "ok"]
+    ask = lambda i: [("Human", f"question {i}")]
+    lines = [json.dumps({"chosen": D.to_hh(ask(i), "sure " + " ".join(rng.choice(words, 3))),
+                         "rejected": D.to_hh(ask(i), "no " + " ".join(rng.choice(words, 3)))})
              for i in range(n) for _ in range(2)]
     write_jsonl(tmp_path / "hh.jsonl", lines)
     return str(tmp_path / "hh.jsonl")
@@ -374,7 +395,8 @@ def write_pairs(tmp_path, n=40):
 def test_reward_model_held_out_pairs_are_on_held_out_prompts_only(tmp_path):
     d = D.prepare_data(write_pairs(tmp_path), vocab=300, prompt_len=12, response_len=8)
     held = {tuple(x) for x in d.test_prompts.tolist()}
-    assert len(d.rm_test[0]) > 0 and all(tuple(x) in held for x in d.rm_test[0][:, :12].tolist())  # was 3/4 training
+    assert len(d.rm_test[0]) > 0
+    assert all(tuple(x) in held for x in d.rm_test[0][:, :12].tolist())  # was 3/4 training
     assert not any(tuple(x) in held for x in d.rm_train[0][:, :12].tolist())
     # the reward model's training data are unchanged: a random half of the training prompts' pairs
     assert len(d.rm_train[0]) == (d.info["pairs"] - len(d.rm_test[0])) // 2
@@ -382,11 +404,13 @@ def test_reward_model_held_out_pairs_are_on_held_out_prompts_only(tmp_path):
 
 def test_reward_model_accuracy_counts_a_tie_as_half(tmp_path, tok):
     cfg = T.parse_args([*TINY, "--policy-pairs", "0", "--out", str(tmp_path)])
-    a, b = torch.randint(3, 300, (2, 64, cfg.prompt_len + cfg.response_len), generator=torch.Generator().manual_seed(0))
+    shape = (2, 64, cfg.prompt_len + cfg.response_len)
+    a, b = torch.randint(3, 300, shape, generator=torch.Generator().manual_seed(0))
     data = D.TextData(tok, None, None, [], None, (a, b), (a, a), {"sha256": "-", "tokenizer_sha256": "-"})
     _, info = T.train_reward_model(cfg, data, None, None, None, "cpu")
     assert info["accuracy_data"] == 0.5  # equal rows score equal: neither right nor wrong (was 0.0)
-    data.rm_test = (a[:1], b[:1])  # a cached reward model is re-measured on the current held-out pairs (0 or 1 here)
+    # a cached reward model is re-measured on the current held-out pairs (0 or 1 here)
+    data.rm_test = (a[:1], b[:1])
     rm, info = T.train_reward_model(cfg, data, None, None, None, "cpu")
     assert info["accuracy_data"] == D.pair_accuracy(rm.reward(a[:1]), rm.reward(b[:1])) in (0.0, 1.0)
 
@@ -395,8 +419,9 @@ def test_pairs_equal_after_the_cut_are_dropped_and_counted(tmp_path):
     lines = []
     for i in range(40):  # odd i: the replies differ only after --response-len tokens
         p = [("Human", f"question number {i}")]
-        c, r = (("I am sorry, I cannot help with that, but here is a good idea", "I am sorry, I cannot help with that, "
-                 "you are on your own") if i % 2 else ("Sure, glad to help", "No."))
+        sorry = "I am sorry, I cannot help with that, "
+        c, r = ((sorry + "but here is a good idea", sorry + "you are on your own") if i % 2
+                else ("Sure, glad to help", "No."))
         lines.append(json.dumps({"chosen": D.to_hh(p, c), "rejected": D.to_hh(p, r)}))
     write_jsonl(tmp_path / "cut.jsonl", lines)
     d = D.prepare_data(str(tmp_path / "cut.jsonl"), vocab=300, prompt_len=24, response_len=8)
@@ -410,8 +435,10 @@ def test_malformed_dialogues_are_skipped_counted_and_printed(tmp_path, capsys):
     bad = [{"chosen": D.to_hh(H, ""), "rejected": D.to_hh(H, "fine")},
            {"chosen": D.to_hh(H, "fine"), "rejected": D.to_hh(H, "  ")},
            {"chosen": D.to_hh(H, "fine"), "rejected": D.to_hh(H, "fine")},
-           {"chosen": D.to_hh(H + [("Assistant", "a")], "b"), "rejected": D.to_hh(H + [("Assistant", "a")], "c")},
-           {"chosen": D.to_hh([("Assistant", "hi")] + H, "b"), "rejected": D.to_hh([("Assistant", "hi")] + H, "c")}]
+           {"chosen": D.to_hh(H + [("Assistant", "a")], "b"),
+            "rejected": D.to_hh(H + [("Assistant", "a")], "c")},
+           {"chosen": D.to_hh([("Assistant", "hi")] + H, "b"),
+            "rejected": D.to_hh([("Assistant", "hi")] + H, "c")}]
     path = str(tmp_path / "hh.jsonl")
     write_jsonl(path, [GOOD[0], *map(json.dumps, bad), GOOD[2]])
     assert [p.line for p in D.load_hh(path)] == [1, 7]  # before: all 7 lines accepted silently
@@ -428,10 +455,12 @@ def test_malformed_dialogues_are_skipped_counted_and_printed(tmp_path, capsys):
 def test_literal_marker_strings_in_the_text_stay_text(tok):
     x, _ = D.encode_prompts(tok, [[("Human", "what does [A] mean? [H] [PAD] [UNUSED0]")]], 60)
     body = [i for i in x[0].tolist() if i != D.PAD]
-    assert body[0] == D.HUMAN and body[-1] == D.ASSISTANT and min(body[1:-1]) > D.ASSISTANT  # one turn, as written
+    assert body[0] == D.HUMAN and body[-1] == D.ASSISTANT  # one turn, as written
+    assert min(body[1:-1]) > D.ASSISTANT
     text = "type [PAD] here, press [H] or [A]"
     assert D.decode(tok, D.encode_responses(tok, [text], 40)) == [text]  # before: "type here, press or"
-    # text without marker strings: the same ids as the marked string encoded with special tokens (the old encoding)
+    # text without marker strings: the same ids as the marked string encoded with special tokens (the old
+    # encoding)
     p = [("Human", "hello there"), ("Assistant", "hi, how are you?"), ("Human", ""), ("Human", "thank you")]
     tok.encode_special_tokens = False
     try:
@@ -441,9 +470,11 @@ def test_literal_marker_strings_in_the_text_stay_text(tok):
 
 
 def test_distinct_n_of_rows_with_one_and_many_responses_per_prompt_compare(tmp_path, monkeypatch):
-    """A "model" that answers every held-out prompt with its data reply, eval_samples times, matches the data row."""
+    """A "model" that answers every held-out prompt with its data reply, eval_samples times, matches the data
+    row."""
     cfg = T.parse_args([*TINY, "--eval-samples", "3", "--out", str(tmp_path)])
-    d = D.prepare_data(write_pairs(tmp_path), vocab=cfg.vocab, prompt_len=cfg.prompt_len, response_len=cfg.response_len)
+    d = D.prepare_data(write_pairs(tmp_path), vocab=cfg.vocab, prompt_len=cfg.prompt_len,
+                       response_len=cfg.response_len)
     replies = D.encode_responses(d.tok, d.test_replies, cfg.response_len)
     monkeypatch.setattr(T, "generate", lambda cfg_, model, graph, noise, prompts, seed: torch.cat(
         [prompts, replies[: len(prompts) // 3].repeat_interleave(3, 0)], 1))
@@ -453,8 +484,10 @@ def test_distinct_n_of_rows_with_one_and_many_responses_per_prompt_compare(tmp_p
     rows, _, _, _ = T.evaluate(cfg, d, graph, noise, pre.eval(), pre, rm)
     assert [r["n"] for r in rows] == [3 * rows[2]["n"]] * 2 + [rows[2]["n"]]
     for r in rows[:2]:  # before: 1/3 of the data row's distinct-1, for the same texts
-        assert (r["distinct_1"], r["distinct_2"]) == pytest.approx((rows[2]["distinct_1"], rows[2]["distinct_2"]))
-    assert D.distinct_n(["a b", "c d", "a b", "e f"], 1, per_prompt=2) == 0.75  # slices [a b, a b] and [c d, e f]
+        data_row = (rows[2]["distinct_1"], rows[2]["distinct_2"])
+        assert (r["distinct_1"], r["distinct_2"]) == pytest.approx(data_row)
+    # the slices [a b, a b] and [c d, e f]
+    assert D.distinct_n(["a b", "c d", "a b", "e f"], 1, per_prompt=2) == 0.75
 
 
 def test_a_refused_run_leaves_the_folders_tokenizer_alone(tmp_path, monkeypatch):

@@ -1,13 +1,16 @@
 """What train_dna.py and train_text.py share: flags from a config dataclass, the device and torchrun set-up,
 checkpoints (atomic, keyed on their settings, resumed exactly), the training loop of the stages before SEPO,
-the SEPO loop with its progress lines, and the learning curves. docs/design.md says why this is one module
-rather than a copy in each driver. Each stage is cached in --out: a run that stops resumes where it was.
+sepo.SEPOConfig from the shared flags, the SEPO loop with its progress lines, the stage stopwatch, best-of-N's
+sizes and sampling budget, the result files (markdown table, numbers, learning curves) and the timing of one
+iteration for --bench. docs/design.md says why this is one module rather than a copy in each driver. Each
+stage is cached in --out: a run that stops resumes where it was.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import datetime
+import json
 import math
 import os
 import sys
@@ -19,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+import sepo
 from models.safe_load import load_checkpoint
 
 RANK = int(os.environ.get("RANK", 0))  # set by torchrun; a process alone is rank 0 of 1
@@ -110,6 +114,20 @@ def fmt(d: dict) -> str:
 
 
 # ---------------------------------------------------------------------------- training loops
+def sepo_settings(cfg, **own) -> sepo.SEPOConfig:
+    """sepo.SEPOConfig from the SEPO flags both drivers share, and own, a driver's own settings (advantage,
+    seed, corrector steps, ...). --batch counts the groups of all processes; 0 means none for --kl-target,
+    --path-steps and --micro-batch; --grad/--ratio auto leave the choice to sepo, by graph (the paper's pl /
+    snis on the masked graph, rollout / rollout on the uniform one); the path KL spans at most --steps."""
+    shared = dict(lr=cfg.lr, batch_size=cfg.batch // WORLD, group_size=cfg.group, epochs=cfg.epochs,
+                  clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef, kl_target=cfg.kl_target or None,
+                  kl_gain=cfg.kl_gain, kl_steps=min(cfg.kl_steps, cfg.steps), snis_samples=cfg.snis,
+                  steps=cfg.steps, pl_positions=cfg.pl_positions, path_steps=cfg.path_steps or None,
+                  micro_batch=cfg.micro_batch or None, grad=None if cfg.grad == "auto" else cfg.grad,
+                  ratio=None if cfg.ratio == "auto" else cfg.ratio)
+    return sepo.SEPOConfig(**shared, **own)
+
+
 def train_loop(name: str, model: nn.Module, loss_fn: Callable[[Tensor, torch.Generator], Tensor], n: int,
                steps: int, batch: int, lr: float, path: str, settings: dict, seed: int, every: int = 0,
                val_fn: Callable[[], dict] = dict) -> dict:
@@ -214,6 +232,67 @@ def save_curves(runs: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+class Stopwatch:
+    """The seconds of each stage, for the table's note: lap(name) books the time since the previous lap."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.laps = {}
+
+    def lap(self, name: str) -> None:
+        self.laps[name] = time.perf_counter() - self.start - sum(self.laps.values())
+
+    def seconds(self) -> dict:
+        """Every lap, and the total so far."""
+        return {**self.laps, "total": time.perf_counter() - self.start}
+
+
+# ---------------------------------------------------------------------------- evaluation and report
+def sampling_budget(cfg, n: int) -> int:
+    """N of best-of-N at SEPO's sampling budget: training drew cfg.iters * cfg.batch * cfg.group samples of
+    the policy, so each of n outputs may cost its share of them in pre-trained draws, plus its own draw."""
+    return 1 + math.ceil(cfg.iters * cfg.batch * cfg.group / n)
+
+
+def bon_sizes(bon_max: int) -> list[int]:
+    """The N of the best-of-N curve: 1, 2, 4, ... and bon_max itself (none for bon_max 0)."""
+    if not bon_max:
+        return []
+    return sorted({2 ** k for k in range(bon_max.bit_length())} | {bon_max})
+
+
+def best_of(pool: Tensor, reward: Tensor, n: int) -> Tensor:
+    """Per output, its highest-reward draw among the first n: pool [M, N, ...], reward [M, N] -> [M, ...]."""
+    return pool[torch.arange(len(pool)), reward[:, :n].argmax(1)]
+
+
+def markdown_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    """The lines of a markdown table: the header, its rule, one line per row of cells."""
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for cells in rows:
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def save_results(out: str, stem: str, table: str, result: dict, curves: dict, curves_file: str) -> None:
+    """A run's report in out: the table (stem.md), its numbers (stem.json) and the learning curves of
+    {name: history} (curves_file)."""
+    save_atomic(table + "\n", os.path.join(out, f"{stem}.md"))
+    save_atomic(json.dumps(result, indent=1), os.path.join(out, f"{stem}.json"))
+    save_curves(curves, os.path.join(out, curves_file))
+
+
+# ---------------------------------------------------------------------------- --bench
 def peak_gib(device: torch.device) -> float:
     """Peak GPU memory since the last reset, in GiB (NaN on a CPU)."""
     return torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
+
+
+def timed_step(trainer, device: torch.device) -> tuple[float, float]:
+    """--bench: one trainer.step() -> (its seconds, the peak GPU memory in GiB, NaN on a CPU). CUDA's queue is
+    drained and its peak reset first; step() reads its statistics back, so the GPU is done when it returns."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    seconds = trainer.step()["time"]
+    return seconds, peak_gib(device)

@@ -16,11 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
-import math
 import os
-import time
 from typing import Callable, Optional
 
 import numpy as np
@@ -30,15 +26,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import sepo
-from data.dna import (CELL_TYPES, SEQ_LEN, DnaData, auroc, chrom_name, decode_sequences, hepg2_score,
-                      kmer_counts, load_data, load_jaspar_pwms, motif_hits, oracle_chromosomes, pearson,
-                      spearman, split_by_chromosome, top_hepg2)
-from data.drakes import (HEPG2, METRICS, PUBLISHED, DrakesScorer, drakes_sample, find_release, load_reference,
-                         oracle_predictions, published_table)
+from data.dna import (CELL_TYPES, SEQ_LEN, DnaData, DnaScorer, chrom_name, decode_sequences, file_sha256,
+                      held_out_metrics, hepg2_score, load_data, oracle_chromosomes, pearson,
+                      split_by_chromosome, top_hepg2)
+from data.drakes import HEPG2, METRICS, PUBLISHED, drakes_sample, oracle_predictions, published_table
 from models.dna import AccessibilityCNN, DilatedCNNDenoiser, EnformerOracle, predict
-from models.drakes import describe, load_release_networks, release_shaped
-from train_common import (RANK, WORLD, arg, fmt, parse_config, peak_gib, rank0_first, save_atomic,
-                          save_curves, setup, train_loop, train_sepo)
+from models.drakes import bench_networks, load_release
+from train_common import (RANK, WORLD, Stopwatch, arg, best_of, bon_sizes, fmt, markdown_table, parse_config,
+                          rank0_first, sampling_budget, save_atomic, save_results, sepo_settings, setup,
+                          timed_step, train_loop, train_sepo)
 
 GRAPH, NOISE = sepo.Masked(4), sepo.LogLinear()  # MDLM's absorbing graph over A, C, G, T; DRAKES's eps 1e-3
 # --drakes: the flag that gives each release file (data/drakes.py RELEASE) elsewhere than its release path
@@ -211,22 +207,19 @@ def train_oracles(cfg: Config, train: DnaData, test: DnaData, device) -> tuple[d
             m, y = AccessibilityCNN().to(device), part.hepg2().float().to(device)
             w = (1 - y).sum() / y.sum().clamp(min=1)
             loss = lambda out, t: F.binary_cross_entropy_with_logits(out, t, pos_weight=w)
-            held_out = lambda m: {"test_auroc": auroc(predict(m, test.x), test.hepg2())}
             epochs, settings = cfg.access_epochs, keys(cfg, train, *ACCESS_KEYS)
         else:
             m = EnformerOracle(len(CELL_TYPES) if kind == "encode" else 3, cfg.oracle_dim, cfg.oracle_depth,
                                cfg.oracle_heads, cfg.oracle_downsamples).to(device)
             y, loss = part.y, F.cross_entropy if kind == "encode" else F.mse_loss
-            held_out = lambda m: ({"test_hepg2_auroc": auroc(hepg2_score(predict(m, test.x), kind),
-                                                              test.hepg2())} if kind == "encode" else
-                                  {"test_hepg2_pearson": pearson(predict(m, test.x)[:, 0], test.y[:, 0])})
             epochs, settings = cfg.oracle_epochs, keys(cfg, train, *ORACLE_KEYS)
         xo, yo = part.x.to(device), y.to(device)
         steps = max(1, round(epochs * len(part) / cfg.oracle_batch))
         fit = lambda i, g, m=m, f=loss, xo=xo, yo=yo: f(m(xo[i]), yo[i])
+        held_out = lambda m=m, name=name: held_out_metrics(name, predict(m, test.x), test)
         report[name] = train_loop(name, m, fit, len(part), steps, cfg.oracle_batch, cfg.oracle_lr,
                                   os.path.join(cfg.out, f"{name}.pt"), settings, cfg.stream_seed + 10 + j, 0,
-                                  lambda m=m, h=held_out: h(m))
+                                  held_out)
         models[name] = m.eval().requires_grad_(False)
         if any(k.endswith("auroc") and v < 0.6 for k, v in report[name].items()):  # seeds differ: docs/dna.md
             print(f"[oracles] WARNING: {name} is near chance on {cfg.test_chrom}: {fmt(report[name])}")
@@ -237,14 +230,10 @@ def train_oracles(cfg: Config, train: DnaData, test: DnaData, device) -> tuple[d
 
 
 def sepo_config(cfg: Config, corrector_steps: int) -> sepo.SEPOConfig:
-    return sepo.SEPOConfig(lr=cfg.lr, batch_size=cfg.batch // WORLD, group_size=cfg.group, epochs=cfg.epochs,
-                           clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef, kl_target=cfg.kl_target or None,
-                           kl_gain=cfg.kl_gain, kl_steps=min(cfg.kl_steps, cfg.steps), snis_samples=cfg.snis,
-                           steps=cfg.steps, corrector_steps=corrector_steps, advantage="grpo",
-                           pl_positions=cfg.pl_positions, grad=None if cfg.grad == "auto" else cfg.grad,
-                           ratio=None if cfg.ratio == "auto" else cfg.ratio,
-                           path_steps=cfg.path_steps or None, micro_batch=cfg.micro_batch or None,
-                           amp=cfg.amp, seed=cfg.stream_seed + 30 + corrector_steps)
+    """SEPO's settings: the shared flags (train_common.sepo_settings), GRPO's group-normalised advantage, and
+    a stream of its own for each of the two runs."""
+    return sepo_settings(cfg, corrector_steps=corrector_steps, advantage="grpo", amp=cfg.amp,
+                         seed=cfg.stream_seed + 30 + corrector_steps)
 
 
 def finetune(cfg: Config, policy: nn.Module, pretrained: nn.Module, reward_fn, corrector_steps: int,
@@ -274,24 +263,6 @@ def draw(cfg: Config, model: nn.Module, n: int, corrector_steps: int, seed: int)
     return x.cpu()
 
 
-def make_scorer(cfg: Config, models: dict, pretrained: nn.Module, train: DnaData) -> Callable[[Tensor], dict]:
-    """The table's metrics for samples x [N, 200]; reference set: the 1000 training sequences of highest HepG2
-    signal (ENCODE: among the HepG2 DHS); JASPAR hits at relative PWM score >= 0.85 on either strand."""
-    top, pwms, device = top_hepg2(train, 1000), load_jaspar_pwms()[1], next(pretrained.parameters()).device
-    top_kmers, top_motifs = kmer_counts(top), motif_hits(top, pwms)
-    median = lambda name, x: hepg2_score(predict(models[name], x), train.kind).median().item()
-
-    def score(x: Tensor) -> dict:
-        g = torch.Generator(device).manual_seed(cfg.stream_seed + 200)  # the same noise for every row: paired
-        ll = sepo.elbo(pretrained, GRAPH, NOISE, x.to(device), cfg.elbo_t, generator=g, batch_size=256)
-        return {"Pred-Activity": median("eval_oracle", x),
-                "ATAC-Acc %": 100 * (predict(models["access"], x) > 0).float().mean().item(),
-                "3-mer corr": pearson(kmer_counts(x), top_kmers),
-                "JASPAR corr": spearman(motif_hits(x, pwms), top_motifs),
-                "App-Log-Lik": ll.median().item(), "Reward (ft oracle)": median("ft_oracle", x)}
-    return score
-
-
 def save_samples(cfg: Config, rows: dict) -> None:
     for name, x in rows.items():  # samples_pre-trained.txt, samples_sepo.txt, ...
         tag = name.split(" (")[0].replace(" ", "_").lower()
@@ -304,36 +275,29 @@ def evaluate(cfg: Config, score, pretrained: nn.Module, runs: dict, models: dict
     rows = {"Pre-trained": draw(cfg, pretrained, cfg.n_eval, 0, cfg.stream_seed + 100)}
     for j, (name, (gf, model, _, _)) in enumerate(runs.items()):
         rows[name] = draw(cfg, model, cfg.n_eval, gf, cfg.stream_seed + 101 + j)
-    n_match = 1 + math.ceil(cfg.iters * cfg.batch * cfg.group / cfg.n_eval)  # SEPO's sampling budget
+    n_match = sampling_budget(cfg, cfg.n_eval)
     n_pool = max(cfg.bon_max, n_match)
     pool = draw(cfg, pretrained, cfg.n_eval * n_pool, 0, cfg.stream_seed + 110).view(cfg.n_eval, n_pool, -1)
     reward = hepg2_score(predict(models["ft_oracle"], pool.flatten(0, 1)), test.kind).view(cfg.n_eval, n_pool)
-    best = lambda n: pool[torch.arange(cfg.n_eval), reward[:, :n].argmax(1)]
-    rows[f"Best-of-{n_match} (ft oracle)"] = best(n_match)
+    rows[f"Best-of-{n_match} (ft oracle)"] = best_of(pool, reward, n_match)
     rows[f"Data ({cfg.test_chrom}, HepG2)"] = top_hepg2(test, cfg.n_eval)  # chosen as the reference set is
     save_samples(cfg, rows)
     results = {name: score(x) for name, x in rows.items()}
-    curve_n = sorted({2 ** k for k in range(cfg.bon_max.bit_length())} | {cfg.bon_max})
-    return results, [{"N": n, **score(best(n))} for n in curve_n]
+    return results, [{"N": n, **score(best_of(pool, reward, n))} for n in bon_sizes(cfg.bon_max)]
 
 
-def write_results(cfg: Config, stem: str, lines: list[str], saved: dict, histories: dict) -> None:
-    """Print the table; write it (stem.md), the numbers (stem.json) and the learning curves (curves.png)."""
-    table = "\n".join(lines)
-    print(table)
-    save_atomic(table + "\n", os.path.join(cfg.out, f"{stem}.md"))
-    save_atomic(json.dumps({"config": dataclasses.asdict(cfg), **saved}, indent=1),
-                os.path.join(cfg.out, f"{stem}.json"))
-    save_curves(histories, os.path.join(cfg.out, "curves.png"))
-    print(f"[done] {cfg.out}: {stem}.md, {stem}.json, curves.png, samples_*.txt")
-
-
-def markdown(results: dict, cols: list[str]) -> list[str]:
-    lines = ["| Model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+def write_results(cfg: Config, stem: str, results: dict, cols: list[str], notes: list[str], saved: dict
+                  ) -> None:
+    """Print the table (percentages to 0.1, the rest to 0.001) and its notes; write them (stem.md), the
+    numbers (stem.json) and the learning curves of saved["runs"] (curves.png)."""
+    cells = []
     for name, r in results.items():
-        cells = [f"{r[c]:.1f}" if "%" in c else f"{r[c]:.3f}" for c in cols]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return lines
+        cells.append([name] + [f"{r[c]:.1f}" if "%" in c else f"{r[c]:.3f}" for c in cols])
+    table = "\n".join(markdown_table(["Model", *cols], cells) + notes)
+    print(table)
+    curves = {name: run["history"] for name, run in saved["runs"].items()}
+    save_results(cfg.out, stem, table, {"config": dataclasses.asdict(cfg), **saved}, curves, "curves.png")
+    print(f"[done] {cfg.out}: {stem}.md, {stem}.json, curves.png, samples_*.txt")
 
 
 def report(cfg: Config, results: dict, bon: list, runs: dict, oracles: dict, stamps: dict) -> None:
@@ -347,90 +311,62 @@ def report(cfg: Config, results: dict, bon: list, runs: dict, oracles: dict, sta
             f"oracles agree at Pearson {oracles['agreement']:.3f}. Stage times (s): {fmt(stamps)}.")
     history = {name: {"history": h, "probes": p} for name, (_, _, h, p) in runs.items()}
     saved = {"rows": results, "best_of_n": bon, "oracles": oracles, "stage_seconds": stamps, "runs": history}
-    write_results(cfg, "results", markdown(results, cols) + ["", note], saved,
-                  {name: h for name, (_, _, h, _) in runs.items()})
+    write_results(cfg, "results", results, cols, ["", note], saved)
     print(f"[done] trade-off figure: python docs/dna_tradeoff.py {cfg.out}")
 
 
 # ---------------------------------------------------------------------------- --drakes: the DRAKES release
-def load_release(cfg: Config, device: torch.device) -> dict:
-    """Before any work: every release file found at its release path or its flag's (one error naming all that
-    are missing: data/drakes.py), the networks loaded strictly and safely and described (models/drakes.py),
-    the ATAC column checked, the reference set of the 3-mer and JASPAR correlations read.
-    -> {name: network, "scorer": DRAKES's five metrics, "paths": {name: path}}"""
-    paths = find_release(cfg.drakes or None, cfg.release_files)
-    rel = load_release_networks(paths, device)
-    for name, model in rel.items():
-        print(f"[release] {name}: {describe(model)}")
-    atac = rel["atac"].task_names or ["unnamed"] * rel["atac"].n_tasks
-    if not 0 <= cfg.atac_column < len(atac):
-        raise ValueError(f"--atac-column {cfg.atac_column}: {paths['atac']} has {len(atac)} columns {atac}")
-    print(f"[release] ATAC-Acc reads column {cfg.atac_column} ({atac[cfg.atac_column]}) of {atac}")
-    if "hepg2" not in atac[cfg.atac_column].lower():
-        print(f"[release] WARNING: column {cfg.atac_column} is not named HepG2; --atac-column picks another")
-    reference = load_reference(paths["data"])
-    print(f"[release] reference set: {len(reference)} sequences of {paths['data']} (HepG2 > 0.999 quantile)")
-    scorer = DrakesScorer(rel["pretrained"], rel["eval_oracle"], rel["atac"], reference, cfg.atac_column,
-                          cfg.eval_steps)
-    return {**rel, "scorer": scorer, "paths": paths}
-
-
-def sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
-
-
 def drakes_rows(cfg: Config, rel: dict, runs: dict, reward_fn) -> dict:
     """Every row's samples by DRAKES's sampler (eval_steps steps, then its argmax; batches of 64 from seed 0),
     and best-of-N at SEPO's sampling budget: per output, the reward oracle's favourite of N pre-trained draws
     (seeds 0..N-1, seed 0's being the Pre-trained row)."""
-    n = 1 + math.ceil(cfg.iters * cfg.batch * cfg.group / cfg.n_eval)
+    n = sampling_budget(cfg, cfg.n_eval)
     sample = lambda model, seed=0, gf=0: drakes_sample(model, cfg.n_eval, cfg.eval_steps, gf, seed=seed).cpu()
     pool = torch.stack([sample(rel["pretrained"], seed) for seed in range(n)])  # [N, n_eval, 200]
     rows = {"Pre-trained": pool[0]}
     rows.update({name: sample(rel[k]) for k, name in DRAKES_ROWS.items() if k in rel})
     rows.update({name: sample(model, 0, gf) for name, (gf, model, _) in runs.items()})
     reward = reward_fn(pool.flatten(0, 1)).view(n, cfg.n_eval)
-    rows[f"Best-of-{n} ({cfg.reward_oracle} oracle)"] = pool[reward.argmax(0), torch.arange(cfg.n_eval)]
+    rows[f"Best-of-{n} ({cfg.reward_oracle} oracle)"] = best_of(pool.transpose(0, 1), reward.T, n)
     return rows
 
 
 def drakes_main(cfg: Config, device: torch.device) -> dict:
     """--drakes: no pre-training, no oracle training. SEPO fine-tunes the release's pretrained MDLM, its KL
     reference, on an oracle's HepG2 output; then DRAKES's evaluation of every row (docs/dna.md)."""
-    tic = time.perf_counter()
-    rel = load_release(cfg, device)  # every file found, loaded and checked before --out exists
+    clock = Stopwatch()
+    # every file found, loaded and checked before --out exists (models/drakes.py)
+    rel = load_release(cfg.drakes or None, cfg.release_files, cfg.atac_column, cfg.eval_steps, device)
     os.makedirs(cfg.out, exist_ok=True)
     oracle = rel[f"{cfg.reward_oracle}_oracle"]
     reward_fn = lambda x: oracle_predictions(oracle, x)[:, HEPG2].to(x.device)
-    settings = {"reward_oracle": cfg.reward_oracle, "reward_sha256": sha256(oracle.info["source"]),
-                "pretrained_sha256": sha256(rel["paths"]["pretrained"])}
-    stamps, runs = {"load": time.perf_counter() - tic}, {}  # runs: name: (corrector steps, model, history)
+    settings = {"reward_oracle": cfg.reward_oracle, "reward_sha256": file_sha256(oracle.info["source"]),
+                "pretrained_sha256": file_sha256(rel["paths"]["pretrained"])}
+    clock.lap("load")
+    runs = {}  # name: (corrector steps, model, history)
     for name, gf in sepo_runs(cfg):  # the copy keeps what the release froze frozen (the CNN's Fourier W)
-        runs[name] = (gf, *finetune(cfg, copy.deepcopy(rel["pretrained"]), rel["pretrained"], reward_fn, gf,
-                                    settings)[:2])
-    stamps["sepo"] = time.perf_counter() - tic - sum(stamps.values())
+        policy = copy.deepcopy(rel["pretrained"])
+        runs[name] = (gf, *finetune(cfg, policy, rel["pretrained"], reward_fn, gf, settings)[:2])
+    clock.lap("sepo")
     if RANK:  # the evaluation and the report are rank 0's
         return {}
     rows = drakes_rows(cfg, rel, runs, reward_fn)
     save_samples(cfg, rows)
     results = {name: rel["scorer"](x) for name, x in rows.items()}
-    stamps["evaluation"] = time.perf_counter() - tic - sum(stamps.values())
-    stamps["total"] = time.perf_counter() - tic
-    atac = (rel["atac"].task_names or ["unnamed"] * rel["atac"].n_tasks)[cfg.atac_column]
+    clock.lap("evaluation")
+    stamps = clock.seconds()
     trained = {"ft": "on the fine-tuning oracle (DRAKES's protocol)",
                "eval": "on the evaluation oracle (as the SEPO reference code), the one Pred-Activity reads"}
     note = (f"SEPO and best-of-N trained {trained[cfg.reward_oracle]}. ATAC-Acc reads column "
-            f"{cfg.atac_column} ({atac}) of the ATAC model. {cfg.n_eval} samples per row by DRAKES's "
-            f"{cfg.eval_steps}-step sampler (seed 0); medians; DRAKES's metrics (docs/dna.md). "
+            f"{cfg.atac_column} ({rel['atac_task']}) of the ATAC model. {cfg.n_eval} samples per row by "
+            f"DRAKES's {cfg.eval_steps}-step sampler (seed 0); medians; DRAKES's metrics (docs/dna.md). "
             f"Stage times (s): {fmt(stamps)}.")
     published = ["Published numbers (not computed by this run; sources in data/drakes.py):", "",
                  published_table()]
     saved = {"rows": results, "reward_oracle": cfg.reward_oracle, "atac_column": cfg.atac_column,
-             "atac_task": atac, "release": rel["paths"], "stage_seconds": stamps, "published": PUBLISHED,
-             "runs": {name: {"history": h} for name, (_, _, h) in runs.items()}}
-    write_results(cfg, "results_drakes", markdown(results, list(METRICS)) + ["", note, ""] + published, saved,
-                  {name: h for name, (_, _, h) in runs.items()})
+             "atac_task": rel["atac_task"], "release": rel["paths"], "stage_seconds": stamps,
+             "published": PUBLISHED, "runs": {name: {"history": h} for name, (_, _, h) in runs.items()}}
+    write_results(cfg, "results_drakes", results, list(METRICS), ["", note, ""] + published, saved)
     return results
 
 
@@ -440,30 +376,22 @@ def bench(cfg: Config, device: torch.device) -> dict:
     and oracle, or --drakes's (random weights of their shapes if absent); peak GPU memory on CUDA."""
     torch.manual_seed(cfg.stream_seed)
     if cfg.release:
-        try:
-            paths = find_release(cfg.drakes or None, cfg.release_files)
-            nets = load_release_networks({k: paths[k] for k in ("pretrained", f"{cfg.reward_oracle}_oracle")})
-            model, oracle = nets["pretrained"], nets[f"{cfg.reward_oracle}_oracle"]
-        except FileNotFoundError as missing:
-            print(f"[bench] {missing}\n[bench] timing random weights of the release's shapes instead")
-            model, oracle = release_shaped()
-        model, oracle = model.to(device), oracle.to(device)
+        model, oracle = bench_networks(cfg.drakes or None, cfg.release_files, cfg.reward_oracle, device)
         reward_fn = lambda x: oracle_predictions(oracle, x)[:, HEPG2].to(x.device)
     else:
         model = DilatedCNNDenoiser(cfg.hidden, cfg.stacks).to(device)
         oracle = EnformerOracle(4, cfg.oracle_dim, cfg.oracle_depth, cfg.oracle_heads, cfg.oracle_downsamples)
         oracle = oracle.to(device)
         reward_fn = lambda x: hepg2_score(predict(oracle, x), "encode")
-    n_params, out = sum(p.numel() for p in model.parameters()) / 1e6, {}
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    out = {}
     for gf in sorted({0, cfg.corrector_steps}):
         trainer = sepo.SEPO(model, GRAPH, NOISE, reward_fn, SEQ_LEN, sepo_config(cfg, gf))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        t = out[f"step_s_gf{gf}"] = trainer.step()["time"]  # step() reads its statistics back: CUDA finished
+        seconds, peak = timed_step(trainer, device)
+        out[f"step_s_gf{gf}"] = seconds
         print(f"[bench] {cfg.batch}x{cfg.group} samples, {cfg.steps} steps, corrector_steps={gf}, "
               f"{n_params:.2f}M-parameter denoiser on {device}, grad {trainer.cfg.grad}, ratio "
-              f"{trainer.cfg.ratio}: one trainer.step() {t:.2f}s, peak GPU {peak_gib(device):.2f} GiB")
+              f"{trainer.cfg.ratio}: one trainer.step() {seconds:.2f}s, peak GPU {peak:.2f} GiB")
     return out
 
 
@@ -476,16 +404,16 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if cfg.release:
         return drakes_main(cfg, device)
     os.makedirs(cfg.out, exist_ok=True)
-    tic, stamps = time.perf_counter(), {}
+    clock = Stopwatch()
     data = load_data(cfg.data)
     split = split_by_chromosome(data, cfg.test_chrom, cfg.val_chrom)
     sizes = ", ".join(f"{k} {len(v)}" for k, v in split.items())
     print(f"[data] {len(data)} sequences ({data.kind}): {sizes}")
     pretrained = rank0_first(pretrain, cfg, split["train"], split["val"], device)
-    stamps["pretrain"] = time.perf_counter() - tic
+    clock.lap("pretrain")
     models, oracle_report = rank0_first(train_oracles, cfg, split["train"], split["test"], device)
-    stamps["oracles"] = time.perf_counter() - tic - sum(stamps.values())
-    score = make_scorer(cfg, models, pretrained, split["train"])
+    clock.lap("oracles")
+    score = DnaScorer(models, pretrained, GRAPH, NOISE, split["train"], cfg.elbo_t, cfg.stream_seed + 200)
     reward_fn = lambda x: hepg2_score(predict(models["ft_oracle"], x), data.kind).to(x.device)  # the reward
     # SEPO's checkpoints are keyed on every stage they build on: their reward, and their probes' scorers
     settings = keys(cfg, split["train"], *PRETRAIN_KEYS, *ORACLE_KEYS, *ACCESS_KEYS, "ckpt_every", "n_eval",
@@ -495,12 +423,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
         probe = lambda m, gf=gf: {} if RANK else score(draw(cfg, m, cfg.n_eval, gf, cfg.stream_seed + 150))
         policy = copy.deepcopy(pretrained).requires_grad_(True)
         runs[name] = (gf, *finetune(cfg, policy, pretrained, reward_fn, gf, settings, probe))
-    stamps["sepo"] = time.perf_counter() - tic - sum(stamps.values())
+    clock.lap("sepo")
     if RANK:  # the evaluation and the report are rank 0's
         return {}
     results, bon = evaluate(cfg, score, pretrained, runs, models, split["test"])
-    stamps["evaluation"] = time.perf_counter() - tic - sum(stamps.values())
-    report(cfg, results, bon, runs, oracle_report, {**stamps, "total": time.perf_counter() - tic})
+    clock.lap("evaluation")
+    report(cfg, results, bon, runs, oracle_report, clock.seconds())
     return results
 
 

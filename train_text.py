@@ -20,24 +20,23 @@ import contextlib
 import copy
 import dataclasses
 import json
-import math
 import os
 import time
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 import sepo
-from data.text import (DEFAULT_PAIRS, EOT, GPT2_VOCAB, HH_HARMLESS_TEST, PAD, TextData, bootstrap_ci,
-                       distinct_n, gold_score, pair_accuracy, prepare_data, prepare_gpt2_data)
-from models.gpt2 import RewardModel, generative_perplexity
-from models.text import TextReward, end_at_eot, load_networks, make_diffusion, sedd_diffusion, to_device
-from train_common import (RANK, WORLD, arg, fmt, load_ckpt, parse_config, peak_gib, rank0_first, save_atomic,
-                          save_curves, setup, train_loop, train_sepo)
+from data.text import EOT, GPT2_VOCAB, PAD, TextData, TextScorer, gold_labelled_pairs, pair_accuracy, prepare
+from models.gpt2 import RewardModel
+from models.text import (TextReward, bench_networks, end_at_eot, load_networks, make_diffusion,
+                         sedd_diffusion, to_device)
+from train_common import (RANK, WORLD, Stopwatch, arg, best_of, bon_sizes, fmt, load_ckpt, markdown_table,
+                          parse_config, peak_gib, rank0_first, sampling_budget, save_atomic, save_results,
+                          sepo_settings, setup, timed_step, train_loop, train_sepo)
 
 
 # ---------------------------------------------------------------------------- configuration
@@ -178,15 +177,10 @@ def parse_args(argv: Optional[list[str]] = None) -> Config:
 
 
 def sepo_config(cfg: Config, amp: str) -> sepo.SEPOConfig:
-    auto = {"auto": None}  # sepo picks by graph: the paper's pl / snis (masked), rollout / rollout (uniform)
-    return sepo.SEPOConfig(lr=cfg.lr, batch_size=cfg.batch // WORLD, group_size=cfg.group, epochs=cfg.epochs,
-                           clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef, kl_target=cfg.kl_target or None,
-                           kl_gain=cfg.kl_gain, kl_steps=min(cfg.kl_steps, cfg.steps), snis_samples=cfg.snis,
-                           steps=cfg.steps, corrector_steps=cfg.corrector_steps, advantage="ppo",
-                           baseline=cfg.baseline, seed=cfg.stream_seed, pl_positions=cfg.pl_positions,
-                           t_eval=cfg.t_eval or None, grad=auto.get(cfg.grad, cfg.grad),
-                           ratio=auto.get(cfg.ratio, cfg.ratio), path_steps=cfg.path_steps or None,
-                           micro_batch=cfg.micro_batch or None, chunk_size=cfg.chunk_size, amp=amp)
+    """SEPO's settings: the shared flags (train_common.sepo_settings), PPO's advantage R - b, the text run's
+    own flags."""
+    return sepo_settings(cfg, corrector_steps=cfg.corrector_steps, advantage="ppo", baseline=cfg.baseline,
+                         seed=cfg.stream_seed, t_eval=cfg.t_eval or None, chunk_size=cfg.chunk_size, amp=amp)
 
 
 # ---------------------------------------------------------------------------- stages: cached, resumable
@@ -234,9 +228,7 @@ def policy_pairs(cfg: Config, data: TextData, graph, noise, pre: nn.Module, prom
     model scores model samples by features the judge ignores, and SEPO climbs those; labelled samples put it
     on SEPO's start."""
     x = generate(cfg, pre, graph, noise, prompts.repeat_interleave(2 * cfg.policy_pairs, 0), seed).cpu()
-    g = torch.tensor([gold_score(t) for t in data.response_texts(x[:, cfg.prompt_len:])]).view(-1, 2)
-    first, keep = (g[:, 0] > g[:, 1])[:, None], (g[:, 0] - g[:, 1]).abs() >= 0.05
-    return torch.where(first, x[0::2], x[1::2])[keep], torch.where(first, x[1::2], x[0::2])[keep]
+    return gold_labelled_pairs(x, data.response_texts(x[:, cfg.prompt_len:]))
 
 
 def train_reward_model(cfg: Config, data: TextData, graph, noise, pre: nn.Module, device
@@ -300,48 +292,31 @@ def evaluate(cfg: Config, data: TextData, graph, noise, pre: nn.Module, ft: nn.M
     output, the reward model's favourite kept) from one pool: a row at SEPO's sampling budget and the curve
     N = 1, 2, 4, ..., bon_max. --sedd reads every sample up to its first EOT (models/text.py: end_at_eot).
     -> (rows, curve, examples, each row's samples)"""
-    prompts, device = data.test_prompts[: cfg.eval_prompts], next(pre.parameters()).device
-    many, P, k = prompts.repeat_interleave(cfg.eval_samples, 0), cfg.prompt_len, cfg.eval_samples
+    prompts = data.test_prompts[: cfg.eval_prompts]
+    many = prompts.repeat_interleave(cfg.eval_samples, 0)
+    P = cfg.prompt_len
+    k = cfg.eval_samples
     read = (lambda x: end_at_eot(x, P)) if cfg.sedd else (lambda x: x)
-
-    def judged(x: Tensor, text: list[str]) -> np.ndarray:
-        return judge.score(x).cpu().numpy() if judge else np.array([gold_score(t) for t in text])
     first = read(generate(cfg, pre, graph, noise, many, cfg.stream_seed + 100))
-    ref = judged(first, data.response_texts(first[:, P:]))
+    score = TextScorer(cfg, data, first, pre, graph, noise, rm, judge, lm)  # rows judged against `first`
     replies = data.encode_responses(data.test_replies[: len(prompts)], cfg.response_len)
     sepo_row = f"SEPO ({cfg.steps} steps)"
     draws = {"pre-trained": generate(cfg, pre, graph, noise, many, cfg.stream_seed + 200),
              sepo_row: generate(cfg, ft, graph, noise, many, cfg.stream_seed + 100),  # paired with `first`
              "chosen replies (data)": torch.cat([prompts, replies], 1)}
     if cfg.bon_max:
-        n_match = 1 + math.ceil(cfg.iters * cfg.batch * cfg.group / len(many))  # SEPO's sampling budget
+        n_match = sampling_budget(cfg, len(many))
         n_pool = max(cfg.bon_max, n_match)
         pool = generate(cfg, pre, graph, noise, many.repeat_interleave(n_pool, 0), cfg.stream_seed + 400)
         pool = read(pool)
-        score = rm.reward(pool).view(len(many), n_pool)
-        best = lambda n: pool.view(len(many), n_pool, -1)[torch.arange(len(many)), score[:, :n].argmax(1)]
-        draws[f"best-of-{n_match} (RM)"] = best(n_match)
+        reward = rm.reward(pool).view(len(many), n_pool)
+        pool = pool.view(len(many), n_pool, -1)
+        draws[f"best-of-{n_match} (RM)"] = best_of(pool, reward, n_match)
     draws = {name: read(x) for name, x in draws.items()}
-
-    def measure(name: str, x: Tensor) -> dict:
-        text, per = data.response_texts(x[:, P:]), len(x) // len(prompts)  # responses per prompt: 1 or k
-        gold = judged(x, text)
-        versus = np.array(ref).reshape(len(prompts), k)[:, :per].reshape(-1)
-        per_prompt = (np.sign(gold - versus) / 2 + 0.5).reshape(len(prompts), -1).mean(1)  # ties count 1/2
-        g = torch.Generator(device).manual_seed(cfg.stream_seed + 300)
-        ll = sepo.elbo(pre, graph, noise, x.to(device), cfg.elbo_t, P, g, batch_size=cfg.eval_batch)
-        nll = float(-ll.mean()) / cfg.response_len
-        row = {"model": name, "n": len(text), "rm_score": float(rm.reward(x.to(device)).mean()),
-               "gold_mean": float(gold.mean()), "gold_win": float(per_prompt.mean()),
-               "gold_win_ci": bootstrap_ci(per_prompt, seed=cfg.stream_seed), "nll_per_token": nll,
-               "perplexity": math.exp(min(nll, 50.0)),
-               **{f"distinct_{n}": distinct_n(text, n, per) for n in (1, 2)}}
-        if lm is not None:  # SEDD's protocol: the mean over the samples of each sample's perplexity
-            row["gen_perplexity"] = generative_perplexity(lm, x.cpu(), cfg.eval_batch, P, until_eot=True)[0]
-        return row
-    rows = [measure(name, x) for name, x in draws.items()]
-    Ns = sorted({2 ** j for j in range(cfg.bon_max.bit_length())} | {cfg.bon_max}) if cfg.bon_max else []
-    curve = [{"N": n, **measure(f"best-of-{n} (RM)", best(n))} for n in Ns]
+    rows = [score(name, x) for name, x in draws.items()]
+    curve = []
+    for n in bon_sizes(cfg.bon_max):
+        curve.append({"N": n, **score(f"best-of-{n} (RM)", best_of(pool, reward, n))})
     shown = [[" ".join(t.split()) for t in data.response_texts(draws[name][::k, P:])]  # one line each
              for name in ("pre-trained", sepo_row)]
     examples = list(zip(data.prompt_texts(prompts), *shown))
@@ -353,30 +328,30 @@ def report(cfg: Config, rows: list, curve: list, examples: list, history: list, 
     judge = f"judge {cfg.judge}" if cfg.judge else "gold judge (gold_score)" if cfg.sedd else "gold"
     lm = "ELBO of the pre-trained SEDD" if cfg.sedd else "pre-trained"
     ppl = "perplexity (SEDD's ELBO, not GPT-2 large)" if cfg.sedd else "perplexity"
-    gen = f" generative perplexity ({cfg.ppl_model}) |" if cfg.ppl_model else ""
-    head = (f"| model | n | RM score | {judge} mean | {judge} win rate vs pre-trained [95% CI] "
-            f"| NLL/token ({lm}) | {ppl} | distinct-1 | distinct-2 |{gen}")
-    lines = [head, "|---" * (9 + bool(gen)) + "|"]
+    head = ["model", "n", "RM score", f"{judge} mean", f"{judge} win rate vs pre-trained [95% CI]",
+            f"NLL/token ({lm})", ppl, "distinct-1", "distinct-2"]
+    if cfg.ppl_model:
+        head.append(f"generative perplexity ({cfg.ppl_model})")
+    cells = []
     for r in rows:
         lo, hi = r["gold_win_ci"]
-        lines.append(f"| {r['model']} | {r['n']} | {r['rm_score']:.3f} | {r['gold_mean']:.3f} "
-                     f"| {r['gold_win']:.3f} [{lo:.3f}, {hi:.3f}] | {r['nll_per_token']:.3f} "
-                     f"| {r['perplexity']:.1f} | {r['distinct_1']:.3f} | {r['distinct_2']:.3f} |"
-                     + (f" {r['gen_perplexity']:.1f} |" if gen else ""))
+        cells.append([r["model"], str(r["n"]), f"{r['rm_score']:.3f}", f"{r['gold_mean']:.3f}",
+                      f"{r['gold_win']:.3f} [{lo:.3f}, {hi:.3f}]", f"{r['nll_per_token']:.3f}",
+                      f"{r['perplexity']:.1f}", f"{r['distinct_1']:.3f}", f"{r['distinct_2']:.3f}"])
+        if cfg.ppl_model:
+            cells[-1].append(f"{r['gen_perplexity']:.1f}")
     accuracy = fmt({k: v for k, v in info.items() if "accuracy" in k})
-    lines += ["", f"Reward model held-out pairwise accuracy: {accuracy}; data: {fmt(info['data'])}. "
-                  f"Stage times (s): {fmt(stamps)}."]
-    table = "\n".join(lines)
+    note = (f"Reward model held-out pairwise accuracy: {accuracy}; data: {fmt(info['data'])}. "
+            f"Stage times (s): {fmt(stamps)}.")
+    table = "\n".join(markdown_table(head, cells) + ["", note])
     ex = "\n\n".join(f"PROMPT:      {p}\npre-trained: {a}\nSEPO:        {b}" for p, a, b in examples[:8])
     print("\n" + table + "\n\n" + ex)
     result = {"rows": rows, "best_of_n": curve, "info": info, "stage_seconds": stamps,
               "config": dataclasses.asdict(cfg), "history": history,
               "examples": [dict(zip(("prompt", "pretrained", "sepo"), e)) for e in examples]}
     tag = f"steps{cfg.steps}"
-    for name, text in [(f"results_{tag}.md", table + "\n"), (f"examples_{tag}.txt", ex + "\n"),
-                       (f"results_{tag}.json", json.dumps(result, indent=1))]:
-        save_atomic(text, os.path.join(cfg.out, name))
-    save_curves({"SEPO": history}, os.path.join(cfg.out, f"curves_{tag}.png"))
+    save_atomic(ex + "\n", os.path.join(cfg.out, f"examples_{tag}.txt"))
+    save_results(cfg.out, f"results_{tag}", table, result, {"SEPO": history}, f"curves_{tag}.png")
     return result
 
 
@@ -384,29 +359,19 @@ def bench(cfg: Config, device: torch.device, amp: str) -> dict:
     """Time one SEPO iteration at these settings with untrained models (--sedd: the SEDD given, and
     --reward-model if given) on random prompts; peak GPU memory on CUDA."""
     torch.manual_seed(cfg.stream_seed)
-    L = cfg.prompt_len + cfg.response_len
-    if cfg.sedd:
-        graph, noise = sedd_diffusion()
-        nets = load_networks(cfg, device, amp)
-        model, ref = nets["policy"], nets["ref"]
-        ours = lambda: RewardModel(GPT2_VOCAB, L, cfg.rm_d_model, cfg.rm_layers, cfg.rm_heads, EOT)
-        rm = nets["reward"] or TextReward(ours(), cfg.prompt_len).to(device)
-    else:
-        graph, noise, model = make_diffusion(cfg, cfg.vocab, device)
-        ref, rm = None, RewardModel(cfg.vocab, L, cfg.rm_d_model, cfg.rm_layers, cfg.rm_heads).to(device)
+    graph, noise, model, ref, rm = bench_networks(cfg, device, amp)
     prompts = torch.randint(3, EOT if cfg.sedd else cfg.vocab, (256, cfg.prompt_len), device=device)
     prompt_fn = lambda k, gen: prompts[torch.randint(256, (k,), generator=gen).to(device)]
+    L = cfg.prompt_len + cfg.response_len
     trainer = sepo.SEPO(model.requires_grad_(True), graph, noise, lambda x: rm.reward(x), L,
                         sepo_config(cfg, amp), ref_model=ref, prompt_fn=prompt_fn)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    out = {"step_s": trainer.step()["time"], "peak_gib": peak_gib(device)}  # .item() inside: CUDA is done
+    seconds, peak = timed_step(trainer, device)
+    out = {"step_s": seconds, "peak_gib": peak}
     size = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"[bench] {cfg.batch}x{cfg.group} responses, {cfg.steps} steps, "
           f"micro_batch={cfg.micro_batch or 'all'}, grad={trainer.cfg.grad}, ratio={trainer.cfg.ratio}, "
           f"{size:.1f}M-parameter {'SEDD ' + cfg.sedd if cfg.sedd else cfg.graph} LM on {device}: "
-          f"one trainer.step() {out['step_s']:.2f}s, peak GPU memory {out['peak_gib']:.2f} GiB")
+          f"one trainer.step() {seconds:.2f}s, peak GPU memory {peak:.2f} GiB")
     return out
 
 
@@ -419,30 +384,26 @@ def main(argv: Optional[list[str]] = None) -> dict:
         return bench(cfg, device, amp)
     nets = load_networks(cfg, device, amp) if cfg.sedd else {}  # a wrong file fails now, before any work
     os.makedirs(cfg.out, exist_ok=True)
-    tic, stamps = time.perf_counter(), {}
-    if cfg.sedd:
-        data = prepare_gpt2_data(cfg.data or HH_HARMLESS_TEST, cfg.prompt_len, cfg.response_len,
-                                 cfg.stream_seed, cfg.max_pairs or None, cfg.long_prompts)
-        data.info.update({k: nets[k] for k in MODEL_HASHES if nets[k]})
-    else:
-        data = prepare_data(cfg.data or DEFAULT_PAIRS, cfg.vocab, cfg.prompt_len, cfg.response_len,
-                            cfg.stream_seed, cfg.max_pairs or None, cfg.long_prompts)
+    clock = Stopwatch()
+    data = prepare(cfg.data, bool(cfg.sedd), cfg.vocab, cfg.prompt_len, cfg.response_len, cfg.stream_seed,
+                   cfg.max_pairs or None, cfg.long_prompts)
+    data.info.update({k: nets[k] for k in MODEL_HASHES if nets.get(k)})  # --sedd: the weights' hashes
     print(f"[data] {json.dumps(data.info)}")
     if cfg.sedd:
         graph, noise = sedd_diffusion()
         pre = nets["ref"]
     else:
         graph, noise, pre = rank0_first(pretrain, cfg, data, device)
-    stamps["data" if cfg.sedd else "pretrain"] = time.perf_counter() - tic
+    clock.lap("data" if cfg.sedd else "pretrain")
     if cfg.reward_model:  # given: scored on the held-out pairs
         rm = nets["reward"]
         info = {"accuracy_data": pair_accuracy(*(rm.reward(x) for x in data.rm_test))}
     else:
         rm, info = rank0_first(train_reward_model, cfg, data, graph, noise, pre, device)
         rm = TextReward(rm, cfg.prompt_len) if cfg.sedd else rm
-    stamps["reward"] = time.perf_counter() - tic - sum(stamps.values())
+    clock.lap("reward")
     ft, history = finetune(cfg, data, graph, noise, pre, rm, amp, nets.get("policy"))
-    stamps["sepo"] = time.perf_counter() - tic - sum(stamps.values())
+    clock.lap("sepo")
     if RANK:  # the evaluation and the report are rank 0's
         return {}
     bf16 = torch.autocast(device.type, torch.bfloat16) if amp == "bf16" else contextlib.nullcontext()
@@ -450,11 +411,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
         judge, lm = to_device(nets, device)
         rows, curve, examples, samples = evaluate(cfg, data, graph, noise, pre, ft, rm, judge, lm)
     save_atomic(samples, os.path.join(cfg.out, f"samples_steps{cfg.steps}.pt"))
-    stamps["evaluation"] = time.perf_counter() - tic - sum(stamps.values())
+    clock.lap("evaluation")
     if device.type == "cuda":
         info["peak_gpu_gib"] = peak_gib(device)
-    return report(cfg, rows, curve, examples, history, {**info, "data": data.info},
-                  {**stamps, "total": time.perf_counter() - tic})
+    return report(cfg, rows, curve, examples, history, {**info, "data": data.info}, clock.seconds())
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The DNA data of train_dna.py: reading, validating and splitting a table, and the sequence statistics
-its evaluation compares (k-mer counts, JASPAR motif hits, correlations, AUROC).
+"""The DNA data of train_dna.py: reading, validating and splitting a table, the sequence statistics its
+evaluation compares (k-mer counts, JASPAR motif hits, correlations, AUROC), and DnaScorer, the default run's
+table metrics (the DRAKES run's are data/drakes.py's DrakesScorer).
 
     python data/dna.py                    # check the vendored ENCODE DHS file, print the splits
     python data/dna.py gosai_all.csv      # the same for a Gosai MPRA table (.csv or .csv.gz)
@@ -191,10 +192,14 @@ def load_data(path: str) -> DnaData:
     path = path or DEFAULT_DATA
     if not os.path.exists(path):
         raise FileNotFoundError(f"data file {path} not found")
-    with open(path, "rb") as f:
-        sha256 = hashlib.file_digest(f, "sha256").hexdigest()[:16]
     data = load_gosai(path) if path.endswith((".csv", ".csv.gz")) else load_encode(path)
-    return replace(data, sha256=sha256)
+    return replace(data, sha256=file_sha256(path))
+
+
+def file_sha256(path: str) -> str:
+    """The first 16 hex digits of a file's sha256: what keys a cached stage on the file it read."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
 
 
 def split_by_chromosome(data: DnaData, test_chrom: str, val_chrom: str) -> dict[str, DnaData]:
@@ -239,6 +244,17 @@ def hepg2_score(logits: Tensor, kind: str) -> Tensor:
     if kind == "gosai":
         return logits[:, 0]
     return logits[:, 1] - torch.logsumexp(logits[:, [0, 2, 3]], 1)
+
+
+def held_out_metrics(name: str, pred: Tensor, test: DnaData) -> dict:
+    """A network's metrics on the test chromosome from its predictions there: the accessibility CNN's
+    ("access") AUROC of the HepG2 rows; an oracle's AUROC of them by its HepG2 score (ENCODE) or its Pearson
+    correlation with the measured HepG2 activity (Gosai)."""
+    if name == "access":
+        return {"test_auroc": auroc(pred, test.hepg2())}
+    if test.kind == "encode":
+        return {"test_hepg2_auroc": auroc(hepg2_score(pred, test.kind), test.hepg2())}
+    return {"test_hepg2_pearson": pearson(pred[:, 0], test.y[:, 0])}
 
 
 def kmer_counts(x: Tensor, k: int = 3) -> Tensor:
@@ -303,6 +319,48 @@ def motif_hits(x: Tensor, pwms: list[Tensor], rel_threshold: float = 0.85) -> Te
         onehot = F.pad(F.one_hot(xb, 4).float().transpose(1, 2), (0, wmax - 1))
         total += (F.conv1d(onehot, W) >= thr).logical_and(valid).sum((0, 2)).float()
     return total[: len(pwms)] + total[len(pwms):]
+
+
+class DnaScorer:
+    """The default run's metrics of samples x [N, 200], a dict of one table row (docs/dna.md compares them
+    with DRAKES's): medians of the oracles' HepG2 scores, the accessibility CNN's share of calls, the 3-mer
+    and JASPAR correlations with a reference set, App-Log-Lik. The reference set: the 1000 training sequences
+    of highest HepG2 signal (ENCODE: among the HepG2 DHS); JASPAR hits at relative PWM score >= 0.85 on either
+    strand. oracles: {"ft_oracle", "eval_oracle", "access"} of train_dna.py; App-Log-Lik is the ELBO of
+    pretrained under graph and noise with elbo_t times per sequence, every row drawing the same noise (seed):
+    the rows are paired."""
+
+    def __init__(self, oracles: dict, pretrained: torch.nn.Module, graph, noise, train: DnaData, elbo_t: int,
+                 seed: int):
+        self.oracles = oracles
+        self.pretrained = pretrained
+        self.graph = graph
+        self.noise = noise
+        self.kind = train.kind
+        self.elbo_t = elbo_t
+        self.seed = seed
+        top = top_hepg2(train, 1000)
+        self.pwms = load_jaspar_pwms()[1]
+        self.top_kmers = kmer_counts(top)
+        self.top_motifs = motif_hits(top, self.pwms)
+
+    def median_hepg2(self, oracle: str, x: Tensor) -> float:
+        from models.dna import predict  # here, as sepo below: `python data/dna.py` has data/ as its path
+        return hepg2_score(predict(self.oracles[oracle], x), self.kind).median().item()
+
+    def __call__(self, x: Tensor) -> dict:
+        import sepo
+        from models.dna import predict
+        device = next(self.pretrained.parameters()).device
+        g = torch.Generator(device).manual_seed(self.seed)
+        ll = sepo.elbo(self.pretrained, self.graph, self.noise, x.to(device), self.elbo_t, generator=g,
+                       batch_size=256)
+        return {"Pred-Activity": self.median_hepg2("eval_oracle", x),
+                "ATAC-Acc %": 100 * (predict(self.oracles["access"], x) > 0).float().mean().item(),
+                "3-mer corr": pearson(kmer_counts(x), self.top_kmers),
+                "JASPAR corr": spearman(motif_hits(x, self.pwms), self.top_motifs),
+                "App-Log-Lik": ll.median().item(),
+                "Reward (ft oracle)": self.median_hepg2("ft_oracle", x)}
 
 
 if __name__ == "__main__":

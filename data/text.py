@@ -1,6 +1,7 @@
 """The text data of train_text.py: HH-RLHF preference files (one file or a folder of them), the split by
-prompt, the BPE tokenizer, the gold judge that plays the human labeller, and the statistics of the text
-evaluation; and, for the paper's SEDD path, GPT-2's tokenizer (offline) and the HH pairs as GPT-2 ids.
+prompt, the BPE tokenizer, the gold judge that plays the human labeller (and labels pairs of samples), and
+the statistics of the text evaluation with TextScorer, a row of its table; and, for the paper's SEDD path,
+GPT-2's tokenizer (offline) and the HH pairs as GPT-2 ids.
 
     python data/text.py          # (re)build data/chatterbot_hh.jsonl.gz, the default preference file
 
@@ -17,6 +18,7 @@ import gzip
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import random
 import re
@@ -57,6 +59,16 @@ def gold_score(response: str) -> float:
     polite = sum(1 for m in POLITE if f" {m}" in low)  # prefix match: thank/thanks/thankful
     score = _VADER.polarity_scores(text)["compound"] + 0.25 * min(polite, 2)
     return score - 0.15 * max(0, 4 - len(words)) - 0.05 * max(0, len(words) - 20)
+
+
+def gold_labelled_pairs(x: torch.Tensor, texts: list[str], margin: float = 0.05
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) [N, L] from rows x [2N, L] taken two by two (two responses to one prompt), ordered
+    by the gold judge on their response texts; pairs scored less than margin apart (near-ties) dropped."""
+    g = torch.tensor([gold_score(t) for t in texts]).view(-1, 2)
+    first = (g[:, 0] > g[:, 1])[:, None]
+    keep = (g[:, 0] - g[:, 1]).abs() >= margin
+    return torch.where(first, x[0::2], x[1::2])[keep], torch.where(first, x[1::2], x[0::2])[keep]
 
 
 # ---------------------------------------------------------------------------- HH-RLHF files
@@ -592,6 +604,15 @@ def prepare_gpt2_data(path: str, prompt_len: int, response_len: int, seed: int =
                     (c_te, r_te), info, gpt2=True)
 
 
+def prepare(path: str, gpt2: bool, vocab: int, prompt_len: int, response_len: int, seed: int = 0,
+            max_pairs: int | None = None, long: str = "skip") -> TextData:
+    """A run's pairs: as GPT-2 ids for SEDD (prepare_gpt2_data; path '' = the vendored HH-RLHF harmless-base
+    test split), or in a BPE of vocab ids trained on them (prepare_data; path '' = the default file)."""
+    if gpt2:
+        return prepare_gpt2_data(path or HH_HARMLESS_TEST, prompt_len, response_len, seed, max_pairs, long)
+    return prepare_data(path or DEFAULT_PAIRS, vocab, prompt_len, response_len, seed, max_pairs, long)
+
+
 # ---------------------------------------------------------------------------- evaluation statistics
 
 
@@ -615,6 +636,66 @@ def bootstrap_ci(per_prompt: np.ndarray, reps: int = 2000, seed: int = 0) -> tup
     correlated, so prompts, not responses, are the independent units of a win rate."""
     idx = np.random.default_rng(seed).integers(len(per_prompt), size=(reps, len(per_prompt)))
     return tuple(np.percentile(per_prompt[idx].mean(1), [2.5, 97.5]).tolist())
+
+
+class TextScorer:
+    """A row of the text run's table (docs/text.md) for samples x [n, P + R] of the evaluated prompts, each
+    prompt's samples together (1 or k a prompt), against reference [m k, P + R], k samples of each of the m
+    prompts (train_text.py: the first pre-trained draw):
+      rm_score       the reward model's mean reward;
+      gold_mean      the judge's mean score: judge.score (a TextReward) or, judge None, gold_score of the
+                     text;
+      gold_win       the mean over prompts of a prompt's win rate, the share of its samples the judge scores
+                     above the reference's sample of the same index (a tie counts 1/2); gold_win_ci, its 95%
+                     interval over prompts (bootstrap_ci);
+      nll_per_token  the pre-trained LM's negative ELBO per response token (sepo.elbo; every row draws the
+                     same noise: the rows are paired), and perplexity, its exponential;
+      distinct_1, distinct_2 (distinct_n); gen_perplexity with lm: SEDD's generative perplexity, the mean
+                     over the samples of each sample's.
+    cfg: train_text.Config (prompt_len, response_len, eval_samples, elbo_t, eval_batch; stream_seed: the
+    ELBO draws from stream 300, the bootstrap from stream 0)."""
+
+    def __init__(self, cfg, data: TextData, reference: torch.Tensor, pre, graph, noise, rm, judge=None,
+                 lm=None):
+        self.cfg = cfg
+        self.data = data
+        self.pre = pre
+        self.graph = graph
+        self.noise = noise
+        self.rm = rm
+        self.judge = judge
+        self.lm = lm
+        self.device = next(pre.parameters()).device
+        scores = self.judged(reference, data.response_texts(reference[:, cfg.prompt_len:]))
+        self.reference = scores.reshape(-1, cfg.eval_samples)  # [m prompts, k]
+
+    def judged(self, x: torch.Tensor, texts: list[str]) -> np.ndarray:
+        if self.judge is not None:
+            return self.judge.score(x).cpu().numpy()
+        return np.array([gold_score(t) for t in texts])
+
+    def __call__(self, name: str, x: torch.Tensor) -> dict:
+        import sepo  # here: models/gpt2.py imports this module, and `python data/text.py` runs without sepo
+        from models.gpt2 import generative_perplexity
+        cfg = self.cfg
+        texts = self.data.response_texts(x[:, cfg.prompt_len:])
+        per = len(x) // len(self.reference)  # samples per prompt: 1 or k
+        gold = self.judged(x, texts)
+        versus = self.reference[:, :per].reshape(-1)
+        per_prompt = (np.sign(gold - versus) / 2 + 0.5).reshape(len(self.reference), -1).mean(1)
+        g = torch.Generator(self.device).manual_seed(cfg.stream_seed + 300)
+        ll = sepo.elbo(self.pre, self.graph, self.noise, x.to(self.device), cfg.elbo_t, cfg.prompt_len, g,
+                       batch_size=cfg.eval_batch)
+        nll = float(-ll.mean()) / cfg.response_len
+        row = {"model": name, "n": len(texts), "rm_score": float(self.rm.reward(x.to(self.device)).mean()),
+               "gold_mean": float(gold.mean()), "gold_win": float(per_prompt.mean()),
+               "gold_win_ci": bootstrap_ci(per_prompt, seed=cfg.stream_seed), "nll_per_token": nll,
+               "perplexity": math.exp(min(nll, 50.0)),
+               **{f"distinct_{n}": distinct_n(texts, n, per) for n in (1, 2)}}
+        if self.lm is not None:
+            ppl = generative_perplexity(self.lm, x.cpu(), cfg.eval_batch, cfg.prompt_len, until_eot=True)
+            row["gen_perplexity"] = ppl[0]
+        return row
 
 
 if __name__ == "__main__":

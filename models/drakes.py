@@ -13,13 +13,16 @@ oracle's predicted HepG2 activity.
                       dicts of DRAKES's fine-tuned models (finetuned.ckpt, zero_alpha.ckpt) or of a CNNModel.
   load_release_networks, describe, release_shaped: the release's networks loaded together, described in
                       a line each, and random weights of their shapes (train_dna.py --drakes, --bench)
+  load_release, bench_networks: what a --drakes run loads before any work (networks, DRAKES's scorer), and
+                      what its --bench times
   load_grelu_oracle   a gReLU LightningModel checkpoint of an Enformer network (models/grelu.py): DRAKES's
                       reward_oracle_ft.ckpt and reward_oracle_eval.ckpt (regression; outputs hepg2, k562,
                       sknsh) and binary_atac_cell_lines.ckpt (7 accessibility probabilities).
 
 The loaders read files with models.safe_load.load_checkpoint (nothing in a file can run), infer the
 architecture from the state dict, check every key and shape before loading anything, and keep what a file
-says about itself in `model.info`. They print nothing.
+says about itself in `model.info`. They print nothing; load_release, a run's assembly, prints what it
+found.
 
 Two facts of the release a reader might not expect:
   - DRAKES never feeds time to the CNN: MDLM's _process_sigma gives zeros when time_conditioning is False,
@@ -41,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from data.drakes import DrakesScorer, find_release, load_reference
 from .safe_load import CheckpointError, load_checkpoint, load_strict, to_plain
 
 BASES = "ACGT"
@@ -418,3 +422,44 @@ def release_shaped(n_tasks: int = 3) -> tuple[CNNModel, GReluOracle]:
     from .grelu import EnformerModel  # imports enformer-pytorch (seconds)
     oracle = GReluOracle(EnformerModel(n_tasks, **ENFORMER_DEFAULTS), nn.Identity(), "regression", None, {})
     return CNNModel(128, 4), oracle
+
+
+# === a --drakes run's networks (train_dna.py) ===========================================================
+
+def load_release(base_dir: Optional[str], overrides: Mapping[str, Optional[str]], atac_column: int,
+                 eval_steps: int, device: str | torch.device = "cpu") -> dict:
+    """Before any work: every release file found at its release path or its override's (one error naming all
+    that are missing: data/drakes.py find_release), the networks loaded strictly and safely and described,
+    the ATAC column checked, the reference set of the 3-mer and JASPAR correlations read.
+    -> {name: network, "scorer": DRAKES's five metrics (data/drakes.py DrakesScorer), "paths": {name: path},
+    "atac_task": the name of the ATAC column read}"""
+    paths = find_release(base_dir, overrides)
+    nets = load_release_networks(paths, device)
+    for name, model in nets.items():
+        print(f"[release] {name}: {describe(model)}")
+    atac = nets["atac"].task_names or ["unnamed"] * nets["atac"].n_tasks
+    if not 0 <= atac_column < len(atac):
+        raise ValueError(f"--atac-column {atac_column}: {paths['atac']} has {len(atac)} columns {atac}")
+    print(f"[release] ATAC-Acc reads column {atac_column} ({atac[atac_column]}) of {atac}")
+    if "hepg2" not in atac[atac_column].lower():
+        print(f"[release] WARNING: column {atac_column} is not named HepG2; --atac-column picks another")
+    reference = load_reference(paths["data"])
+    print(f"[release] reference set: {len(reference)} sequences of {paths['data']} (HepG2 > 0.999 quantile)")
+    scorer = DrakesScorer(nets["pretrained"], nets["eval_oracle"], nets["atac"], reference, atac_column,
+                          eval_steps)
+    return {**nets, "scorer": scorer, "paths": paths, "atac_task": atac[atac_column]}
+
+
+def bench_networks(base_dir: Optional[str], overrides: Mapping[str, Optional[str]], reward_oracle: str,
+                   device: str | torch.device = "cpu") -> tuple[nn.Module, nn.Module]:
+    """--bench's (denoiser, reward oracle) on device: the release's ("ft" or "eval" oracle), or random weights
+    of their shapes (release_shaped) when a file is missing: an iteration's time depends on shapes only."""
+    oracle = f"{reward_oracle}_oracle"
+    try:
+        paths = find_release(base_dir, overrides)
+        nets = load_release_networks({k: paths[k] for k in ("pretrained", oracle)})
+        model, reward = nets["pretrained"], nets[oracle]
+    except FileNotFoundError as missing:
+        print(f"[bench] {missing}\n[bench] timing random weights of the release's shapes instead")
+        model, reward = release_shaped()
+    return model.to(device), reward.to(device)

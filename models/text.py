@@ -13,7 +13,9 @@ out: a prompt block left-padded with EOT, then a response block whose first EOT 
   TextReward    any reward-model format (models/gpt2.py: load_reward_model) as SEPO's reward, sigmoid(score);
   fingerprint   a hash of a network's weights, which keys the cached stages on the weights, not on a name;
   load_networks every network a --sedd run names, loaded (so checked) before any work (to_device: the
-                judge and the perplexity LM, moved to the GPU for the evaluation only).
+                judge and the perplexity LM, moved to the GPU for the evaluation only);
+  bench_networks what --bench times, in either run: untrained networks of the default run's sizes, or the
+                SEDD given with --reward-model (or an untrained reward model of ours).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from torch import Tensor, nn
 
 import sepo
 from data.text import EOT, GPT2_VOCAB
-from models.gpt2 import load_causal_lm, load_reward_model
+from models.gpt2 import RewardModel, load_causal_lm, load_reward_model
 from models.sedd import SEDD, load_sedd
 
 
@@ -198,3 +200,20 @@ def to_device(nets: dict, device) -> tuple:
     if lm is not None:
         lm.model.to(device)
     return None if judge is None else judge.to(device), lm
+
+
+def bench_networks(cfg, device, amp: str) -> tuple:
+    """(graph, noise, policy, KL reference, reward model) of which --bench times one SEPO iteration (cfg:
+    train_text.Config): untrained networks of the default run's sizes (the reference: sepo's frozen copy),
+    or with --sedd load_networks's SEDD and --reward-model, else an untrained reward model of ours."""
+    length = cfg.prompt_len + cfg.response_len
+    if not cfg.sedd:
+        graph, noise, model = make_diffusion(cfg, cfg.vocab, device)
+        rm = RewardModel(cfg.vocab, length, cfg.rm_d_model, cfg.rm_layers, cfg.rm_heads).to(device)
+        return graph, noise, model, None, rm
+    graph, noise = sedd_diffusion()
+    nets = load_networks(cfg, device, amp)
+    if nets["reward"] is None:
+        ours = RewardModel(GPT2_VOCAB, length, cfg.rm_d_model, cfg.rm_layers, cfg.rm_heads, EOT)
+        nets["reward"] = TextReward(ours, cfg.prompt_len).to(device)
+    return graph, noise, nets["policy"], nets["ref"], nets["reward"]
