@@ -2,13 +2,14 @@
 
     python train_dna.py                          # writes runs/dna/results.json
     python docs/dna_tradeoff.py runs/dna         # -> docs/dna_tradeoff.png
-    python docs/dna_tradeoff.py runs/dna runs/dna_kl0.05 ...   # and the final SEPO row of other runs, as points
+    python docs/dna_tradeoff.py runs/dna runs/dna_kl0.05 ...   # and other runs' final SEPO rows, as points
 
 Left: each SEPO run's mean reward (fine-tuning oracle) and path KL per iteration. Middle and right: the
 evaluation oracle's Pred-Activity against 3-mer correlation and against ATAC-Acc for each run's checkpoints
-(a fresh draw every --ckpt-every iterations), best-of-N for N = 1, 2, 4, ... (pre-trained samples ranked by the
-fine-tuning oracle), the pre-trained model and the held-out data. Up and to the right is better. Further runs
-(other KL weights or estimators, from the same pre-trained models) add their final SEPO row as a labelled point.
+(a fresh draw every --ckpt-every iterations), best-of-N for N = 1, 2, 4, ... (pre-trained samples ranked by
+the fine-tuning oracle), the pre-trained model and the held-out data. Up and to the right is better. Further
+runs (other KL weights or estimators, from the same pre-trained models) add their final SEPO row as a labelled
+point.
 """
 import json
 import os
@@ -25,11 +26,13 @@ def load(run: str) -> dict:
         return json.load(f)
 
 
-def main(run: str, *more: str, out: str = os.path.join(os.path.dirname(__file__), "dna_tradeoff.png")) -> None:
+def main(run: str, *more: str, out: str = "") -> None:
+    out = out or os.path.join(os.path.dirname(__file__), "dna_tradeoff.png")
     r = load(run)
     points = []  # (label, final SEPO row) of the further runs
     for c, row in ((m["config"], m["rows"]["SEPO"]) for m in map(load, more)):
-        points.append((f"{c['grad']}/{c['ratio']}, alpha {c['kl_coef']:g}, KL over {c['kl_steps']} steps", row))
+        label = f"{c['grad']}/{c['ratio']}, alpha {c['kl_coef']:g}, KL over {c['kl_steps']} steps"
+        points.append((label, row))
     results, bon, runs, every = r["rows"], r["best_of_n"], r["runs"], r["config"]["ckpt_every"]
     fig, ax = plt.subplots(1, 3, figsize=(16, 4.2))
     for name, h in runs.items():
@@ -38,7 +41,8 @@ def main(run: str, *more: str, out: str = os.path.join(os.path.dirname(__file__)
     ax[0].set(xlabel="SEPO iteration", title="fine-tuning oracle reward, KL to the pre-trained model")
     ax[0].legend(fontsize=7)
     for a, metric in zip(ax[1:], ("3-mer corr", "ATAC-Acc %")):
-        a.plot([b[metric] for b in bon], [b["Pred-Activity"] for b in bon], "s--", c="gray", label="best-of-N")
+        bon_y = [b["Pred-Activity"] for b in bon]
+        a.plot([b[metric] for b in bon], bon_y, "s--", c="gray", label="best-of-N")
         for b in bon:
             a.annotate(f"N={b['N']}", (b[metric], b["Pred-Activity"]), fontsize=7)
         for name, h in runs.items():
@@ -51,7 +55,8 @@ def main(run: str, *more: str, out: str = os.path.join(os.path.dirname(__file__)
         a.set(xlabel=metric, ylabel="Pred-Activity (evaluation oracle)")
     fig.tight_layout()
     fig.legend(*ax[1].get_legend_handles_labels(), fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.savefig(out, dpi=110, bbox_inches="tight"), plt.close(fig)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    plt.close(fig)
     print(f"wrote {out}")
 
 

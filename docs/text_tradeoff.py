@@ -36,7 +36,8 @@ def main(folders: list[str], out: str = os.path.join(os.path.dirname(__file__), 
         print(f"| {a} | {s['rm_score']:.3f} | {s['gold_win']:.3f} [{s['gold_win_ci'][0]:.3f}, "
               f"{s['gold_win_ci'][1]:.3f}] | {s['perplexity']:.1f} | {s['distinct_1']:.3f} |")
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
-    for a, key, label in ((ax[0], "gold_win", "gold win rate vs pre-trained"), (ax[1], "rm_score", "reward-model score")):
+    panels = ((ax[0], "gold_win", "gold win rate vs pre-trained"), (ax[1], "rm_score", "reward-model score"))
+    for a, key, label in panels:
         ppl, y = [rows["SEPO"]["perplexity"] for _, rows in runs], [rows["SEPO"][key] for _, rows in runs]
         err = None
         if key == "gold_win":
@@ -49,9 +50,12 @@ def main(folders: list[str], out: str = os.path.join(os.path.dirname(__file__), 
         a.set(xscale="log", xlabel="perplexity under the pre-trained LM (log scale)", ylabel=label)
         ticks = [t for t in (20, 50, 100, 200, 500, 1000, 2000) if min(ppl + [pre["perplexity"]]) / 1.5 < t
                  < max(ppl) * 1.5]
-        a.minorticks_off(), a.set_xticks(ticks, [str(t) for t in ticks])
+        a.minorticks_off()
+        a.set_xticks(ticks, [str(t) for t in ticks])
     ax[0].legend(fontsize=8)
-    fig.tight_layout(), fig.savefig(out, dpi=110), plt.close(fig)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
     print(f"wrote {out}")
 
 
