@@ -21,16 +21,17 @@ import train_common
 from test_sepo import count_threes, make, small_cfg, two_token_prompts
 
 WORLD = 2
-CASES = {  # no random draw after the rollout (no SNIS paths, every pl position), so the union's draws are the ranks'
+# no random draw after the rollout (no SNIS paths, every pl position), so the union's draws are the ranks'
+CASES = {
     "grpo, uniform, pl": ("uniform", dict(grad="pl", ratio="rollout", micro_batch=3, kl_coef=0.1), False),
-    "ppo batch baseline, masked, pl": ("masked", dict(grad="pl", ratio="rollout", pl_positions=6, advantage="ppo",
-                                                      baseline="batch"), False),
+    "ppo batch baseline, masked, pl": ("masked", dict(grad="pl", ratio="rollout", pl_positions=6,
+                                                      advantage="ppo", baseline="batch"), False),
     "ppo running + whitened, masked, rollout, KL budget, prompts": (
-        "masked", dict(grad="rollout", ratio="rollout", advantage="ppo", baseline="running", normalize_adv=True,
-                       kl_coef=0.5, kl_target=1e-3, micro_batch=2), True),
+        "masked", dict(grad="rollout", ratio="rollout", advantage="ppo", baseline="running",
+                       normalize_adv=True, kl_coef=0.5, kl_target=1e-3, micro_batch=2), True),
 }
-STATS = ("reward_mean", "reward_std", "kl", "kl_coef", "kl_shrink", "clip_frac", "loss", "ratio_mean", "ratio_max",
-         "ratio_min", "grad_norm", "skipped")
+STATS = ("reward_mean", "reward_std", "kl", "kl_coef", "kl_shrink", "clip_frac", "loss", "ratio_mean",
+         "ratio_max", "ratio_min", "grad_norm", "skipped")
 
 
 @pytest.fixture(autouse=True)
@@ -45,7 +46,8 @@ def trainer_for(case: str, seed: int, batch_size: int = 2) -> sepo.SEPO:
     name, kw, prompts = CASES[case]
     graph, noise, model = make(name, seed=seed)
     cfg = small_cfg(batch_size=batch_size, lr=1e-2, **kw)
-    return sepo.SEPO(model.double(), graph, noise, count_threes, 6, cfg, prompt_fn=two_token_prompts if prompts else None)
+    prompt_fn = two_token_prompts if prompts else None
+    return sepo.SEPO(model.double(), graph, noise, count_threes, 6, cfg, prompt_fn=prompt_fn)
 
 
 def weights(trainer: sepo.SEPO) -> torch.Tensor:
@@ -63,7 +65,7 @@ def _worker(rank: int, store: str, out: str, case: str, job: str) -> None:
         result = {"init": weights(trainer)}
         if job == "union":
             result["stats"] = [trainer.step() for _ in range(2)]
-        else:  # resume: a copy of the state after one step, loaded into a fresh trainer, gives the same next step
+        else:  # resume: a copy of the state after one step, in a fresh trainer, gives the same next step
             trainer.step()
             state = copy.deepcopy(trainer.state_dict())
             trainer.step()
@@ -91,8 +93,10 @@ def test_two_ranks_equal_one_process_holding_their_union(tmp_path, monkeypatch, 
     assert torch.equal(ranks[0]["init"], ranks[1]["init"])  # rank 0's weights everywhere
     assert torch.equal(ranks[0]["weights"], ranks[1]["weights"])  # and the same update on every rank
     assert not torch.equal(ranks[0]["rolls"][0].x, ranks[1]["rolls"][0].x)  # each rank its own samples
-    union = [sepo.Rollout(*(None if f[0] is None else torch.cat(f) for f in zip(*(r["rolls"][i] for r in ranks))))
-             for i in range(2)]
+    def joined(i: int) -> sepo.Rollout:  # iteration i's rollouts of both ranks, as one batch
+        fields = zip(*(r["rolls"][i] for r in ranks))
+        return sepo.Rollout(*(None if f[0] is None else torch.cat(f) for f in fields))
+    union = [joined(i) for i in range(2)]
     monkeypatch.setattr(sepo, "rollout", lambda *a, **k: union.pop(0))
     one = trainer_for(case, seed=0, batch_size=2 * WORLD)
     init = weights(one)
@@ -110,7 +114,7 @@ def test_two_ranks_equal_one_process_holding_their_union(tmp_path, monkeypatch, 
 def test_a_two_rank_state_resumes_exactly_and_only_on_two_ranks(tmp_path):
     case = "ppo running + whitened, masked, rollout, KL budget, prompts"
     ranks = run_ranks(tmp_path, case, "resume")
-    for r in ranks:  # each rank resumes its own random streams (rank 1 with rank 0's would sample other paths)
+    for r in ranks:  # each rank resumes its own random streams (with rank 0's, rank 1 would sample others)
         assert torch.equal(r["resumed"], r["weights"])
     assert not torch.equal(ranks[0]["rolls"][1].x, ranks[1]["rolls"][1].x)
     trainer = trainer_for(case, seed=0)  # a 2-rank state does not load into a process alone
@@ -121,19 +125,20 @@ def test_a_two_rank_state_resumes_exactly_and_only_on_two_ranks(tmp_path):
 
 def _exit_worker(rank: int, store: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
-    trainer_for(next(iter(CASES)), seed=rank)  # its Adam imports torch.distributed.nn unless that is done already
+    trainer_for(next(iter(CASES)), seed=rank)  # its Adam imports torch.distributed.nn unless done already
     functional = importlib.import_module("torch.distributed.nn.functional")
     defaults = [d for f in vars(functional).values() for d in getattr(f, "__defaults__", None) or ()]
-    assert not [d for d in defaults if isinstance(d, dist.ProcessGroup)], "torch.distributed.nn holds the group"
+    held = [d for d in defaults if isinstance(d, dist.ProcessGroup)]
+    assert not held, "torch.distributed.nn holds the group"
     dist.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_a_rank_that_used_sepo_can_release_its_process_group(tmp_path):
-    """torch.distributed.nn.functional's default arguments are group.WORLD as it was at import: imported first after
-    init_process_group (Adam's constructor does so), they hold the group past destroy_process_group, and about half
-    of such pairs of processes abort at exit (SIGABRT, "terminate called without an active exception"). sepo imports
-    it first, so no default holds a group."""
+    """torch.distributed.nn.functional's default arguments are group.WORLD as it was at import: imported first
+    after init_process_group (Adam's constructor does so), they hold the group past destroy_process_group, and
+    about half of such pairs of processes abort at exit (SIGABRT, "terminate called without an active
+    exception"). sepo imports it first, so no default holds a group."""
     mp.spawn(_exit_worker, args=(str(tmp_path / "store"),), nprocs=WORLD)
 
 
@@ -142,7 +147,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def torchrun(*argv: str) -> str:
-    """python -m torch.distributed.run --nproc_per_node 2 argv (gloo on the CPU); its output, or the failure's."""
+    """python -m torch.distributed.run --nproc_per_node 2 argv (gloo on the CPU); its output, or the
+    failure's."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", *argv]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, timeout=900,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
@@ -156,16 +162,20 @@ def driver_args(driver: str, tmp_path) -> list[str]:
         return TINY
     import test_train_dna as TD
     from data import dna as D
-    rows = [(f"chr{c}", i, D.CELL_TYPES[i % 4], float(i), "train", TD.rand_seq()) for c in range(1, 7) for i in range(12)]
-    return ["--data", TD.write_encode(tmp_path / "toy.tsv.gz", rows), *TD.TOY, "--corrector-steps", "0"]  # one run
+    rows = [(f"chr{c}", i, D.CELL_TYPES[i % 4], float(i), "train", TD.rand_seq())
+            for c in range(1, 7) for i in range(12)]
+    data = TD.write_encode(tmp_path / "toy.tsv.gz", rows)
+    return ["--data", data, *TD.TOY, "--corrector-steps", "0"]  # one SEPO run
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("driver", ["train_dna", "train_text"])
 def test_a_two_rank_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, driver):
-    """--batch is the global batch (2 groups per rank here); rank 0 alone prints and writes; a run stopped after one
-    iteration and continued under torchrun ends with the weights and history of one that never stopped."""
-    argv, ckpt = [*driver_args(driver, tmp_path), "--batch", "4"], "sepo.pt" if driver == "train_dna" else "sepo_steps4.pt"
+    """--batch is the global batch (2 groups per rank here); rank 0 alone prints and writes; a run stopped
+    after one iteration and continued under torchrun ends with the weights and history of one that never
+    stopped."""
+    argv = [*driver_args(driver, tmp_path), "--batch", "4"]
+    ckpt = "sepo.pt" if driver == "train_dna" else "sepo_steps4.pt"
     log = torchrun(f"{driver}.py", *argv, "--out", str(tmp_path / "straight"), "--iters", "2")
     assert log.count(" 1/2 reward") == 1  # one progress line per iteration: rank 0's
     torchrun(f"{driver}.py", *argv, "--out", str(tmp_path / "resumed"), "--iters", "1")
@@ -176,11 +186,13 @@ def test_a_two_rank_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path,
     assert all(torch.equal(v, b["trainer"]["model"][k]) for k, v in a["trainer"]["model"].items())
     assert [h["reward_mean"] for h in a["history"]] == [h["reward_mean"] for h in b["history"]]
     results = "results.json" if driver == "train_dna" else "results_steps4.json"
-    assert json.loads((tmp_path / "straight" / results).read_text())["config"]["batch"] == 4  # rank 0's report
+    report = json.loads((tmp_path / "straight" / results).read_text())
+    assert report["config"]["batch"] == 4  # rank 0's report
 
 
 @pytest.mark.parametrize("driver", ["train_dna", "train_text"])
-def test_a_global_batch_not_divisible_by_the_processes_is_an_error_before_any_work(tmp_path, monkeypatch, driver):
+def test_a_global_batch_not_divisible_by_the_processes_is_an_error_before_any_work(tmp_path, monkeypatch,
+                                                                                  driver):
     module = __import__(driver)
     for where in (module, train_common):  # as torchrun --nproc_per_node 2 sets it
         monkeypatch.setattr(where, "WORLD", 2)
