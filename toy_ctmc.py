@@ -74,7 +74,8 @@ class ExactModel(nn.Module):
         if isinstance(self.graph, sepo.Masked):
             # -1e4 instead of -inf: exp underflows to exactly 0, and backward stays NaN-free
             joint = (self.log_p0() + self.log_lik(x, sigmabar)).clamp(min=-1e4)  # [B, |clean|]
-            pick = torch.where(self.clean.t()[:, None, :] == torch.arange(self.graph.n)[None, :, None], 0.0, -1e4)
+            same = self.clean.t()[:, None, :] == torch.arange(self.graph.n)[None, :, None]
+            pick = torch.where(same, 0.0, -1e4)
             return torch.logsumexp(joint[:, None, None, :] + pick[None], -1)  # [B, L, n]
         nb = x[:, None, None, :].repeat(1, Lx, V, 1)  # neighbours x^{l<-v}
         idx = torch.arange(Lx)
@@ -128,7 +129,9 @@ def generator_matrix(model, graph, noise, t: float) -> tuple[Tensor, Tensor]:
     tt = torch.full((len(S),), t)
     sigmabar, sigma = noise(tt)
     out = model(S, sigmabar)
-    rate = torch.logaddexp(graph.log_forward_rate(S, sigma), graph.log_reverse_rate(out, S, sigmabar, sigma)).exp()
+    forward, reverse = graph.log_forward_rate(S, sigma), graph.log_reverse_rate(out, S, sigmabar, sigma)
+    log_rate = torch.logaddexp(forward, reverse)
+    rate = log_rate.exp()
     G = torch.zeros(len(S), len(S))
     ids = (S * V ** torch.arange(L - 1, -1, -1)).sum(1)
     for l in range(L):
@@ -189,7 +192,8 @@ def check_sampler(results: dict) -> list:
                 results[f"tv_{name}_{corr}"] = tvs
                 ok = tvs[-1] < 0.02 and tvs[-1] < tvs[0] and abs(leftover) < 1e-12
                 label = "with" if corr else "without"
-                rows.append((f"2 TV(sampler law, p_0) at 256 steps, {label} corrector ({name})", tvs[-1], 0.02, ok))
+                row = f"2 TV(sampler law, p_0) at 256 steps, {label} corrector ({name})"
+                rows.append((row, tvs[-1], 0.02, ok))
     return rows
 
 
@@ -333,18 +337,20 @@ def check_rollout_ratio(results: dict, rollouts: int = 60_000, steps: int = 8) -
                        - roll.log_prob).exp()
             idx = (roll.x * N ** torch.arange(L - 1, -1, -1)).sum(1)
             per_x = [rho[idx == i] for i in range(N ** L)]
-            z = max(((r.mean() - exact[i]) / (r.std() / len(r) ** 0.5)).abs().item() for i, r in enumerate(per_x))
+            z = max(((r.mean() - exact[i]) / (r.std() / len(r) ** 0.5)).abs().item()
+                    for i, r in enumerate(per_x))
             rmse = [torch.cat([(per_x[i][: len(per_x[i]) // m * m].view(-1, m).mean(1) - exact[i])
                                for i in range(0, N ** L, 3)]).pow(2).mean().sqrt().item() for m in Ms]
             results[f"rollout_{name}_{c}"] = (Ms, rmse)
             label = f"({name}, {'with' if c else 'no'} corrector)"
-            rows.append((f"5 rollout ratio RMSE, mean of R = 1 -> 128 paths {label}: {rmse[0]:.3f} ->", rmse[-1],
-                         "< RMSE(1)/4", rmse[-1] < rmse[0] / 4))
-            rows.append((f"5 rollout ratio max_x |mean - r(x)| / SE, {rollouts} rollouts {label}", z, "< 4", z < 4))
+            row = f"5 rollout ratio RMSE, mean of R = 1 -> 128 paths {label}: {rmse[0]:.3f} ->"
+            rows.append((row, rmse[-1], "< RMSE(1)/4", rmse[-1] < rmse[0] / 4))
+            row = f"5 rollout ratio max_x |mean - r(x)| / SE, {rollouts} rollouts {label}"
+            rows.append((row, z, "< 4", z < 4))
         snis = results.get(f"snis_{name}", (None, [float("nan")] * 6))[1]
         rmse0 = results[f"rollout_{name}_0"][1]
-        rows.append((f"5 RMSE: rollout 1 path (cost 1) {rmse0[0]:.3f}, 2 paths {rmse0[1]:.3f} (cost 2) vs SNIS M=1 "
-                     f"(cost 2) ({name})", snis[0], "report", True))
+        rows.append((f"5 RMSE: rollout 1 path (cost 1) {rmse0[0]:.3f}, 2 paths {rmse0[1]:.3f} (cost 2) vs "
+                     f"SNIS M=1 (cost 2) ({name})", snis[0], "report", True))
         snis_limit = (laws[0][0] / laws[0][1] - laws[1][0] / laws[1][1]).abs().max().item()
         rows.append((f"5 SNIS (predictor paths) at M -> inf vs the exact ratio with a corrector ({name})",
                      snis_limit, "report", True))
@@ -369,11 +375,14 @@ def check_corrector() -> list:
             rho = m / q
             kls.append((m * rho.log()).sum().item())
             dkl = ((m @ G) * rho.log()).sum()  # d/dtau KL
-            diss = -0.5 * (q[:, None] * G * (rho[None] - rho[:, None]) * (rho[None].log() - rho[:, None].log())).sum()
+            flux = (rho[None] - rho[:, None]) * (rho[None].log() - rho[:, None].log())
+            diss = -0.5 * (q[:, None] * G * flux).sum()
             worst_rel = max(worst_rel, (abs(dkl - diss) / max(abs(diss), 1e-30)).item())
         mono = max(b - a for a, b in zip(kls, kls[1:]))
-        rows.append((f"6 KL(mu_tau || q_t) non-increasing, max step ({name})", mono, "<= 1e-14", mono <= 1e-14))
-        rows.append((f"6 dKL/dtau = Maas dissipation, rel. err ({name})", worst_rel, 1e-10, worst_rel < 1e-10))
+        rows.append((f"6 KL(mu_tau || q_t) non-increasing, max step ({name})", mono, "<= 1e-14",
+                     mono <= 1e-14))
+        rows.append((f"6 dKL/dtau = Maas dissipation, rel. err ({name})", worst_rel, 1e-10,
+                     worst_rel < 1e-10))
     return rows
 
 
@@ -414,8 +423,8 @@ class TinyNet(nn.Module):
     def __init__(self, graph: sepo.Graph, width: int = 64):
         super().__init__()
         self.V, self.out = graph.vocab_size, graph.n
-        self.net = nn.Sequential(nn.Linear(L * self.V + 1, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
-                                 nn.Linear(width, L * self.out))
+        self.net = nn.Sequential(nn.Linear(L * self.V + 1, width), nn.Tanh(), nn.Linear(width, width),
+                                 nn.Tanh(), nn.Linear(width, L * self.out))
 
     def forward(self, x, sigmabar):
         h = torch.cat([nn.functional.one_hot(x, self.V).flatten(1).to(sigmabar), sigmabar.log()[:, None]], 1)
@@ -446,7 +455,8 @@ def _cos(a: Tensor, b: Tensor) -> float:
     return (a @ b / (a.norm() * b.norm())).item()
 
 
-def _estimator_gradients(model, graph, noise, steps: int, Ms: tuple, paths_per_state: int, rollouts: int) -> dict:
+def _estimator_gradients(model, graph, noise, steps: int, Ms: tuple, paths_per_state: int,
+                         rollouts: int) -> dict:
     """The exact gradient of E_{pi_theta}[R] (autograd through the exact sampler law) and the expectation,
     exact over x, of each grad log pi estimator times the advantage (math §3-4):
       pl:        grad psi of sepo.log_pi_surrogate (T2), one pass per x;
@@ -503,7 +513,8 @@ def check_gradient_estimators(results: dict, steps: int = 16) -> list:
                 rows.append((label + "; at M = 4", path[1], ">= 0.95", path[1] >= 0.95))
             else:  # uniform neural: the forward proposal is poor, the SNIS bias shrinks with M
                 inc = all(b > a for a, b in zip(path, path[1:]))
-                rows.append((label + f"; at M = {Ms[-1]}", path[-1], ">= 0.8, increasing", inc and path[-1] >= 0.8))
+                ok = inc and path[-1] >= 0.8
+                rows.append((label + f"; at M = {Ms[-1]}", path[-1], ">= 0.8, increasing", ok))
             rows.append((f"7 cos(rollout-path grad, exact), {kind} ({name}), 10^4 rollouts", cos["rollout"],
                          ">= 0.95", cos["rollout"] >= 0.95))
     return rows
@@ -536,7 +547,8 @@ def plot(results: dict, path: str) -> None:
         line = ax[3].semilogx(Ms, [cos[f"path {M}"] for M in Ms], "o-", label=f"path, M paths ({key[4:]})")[0]
         ax[3].axhline(cos["pl"], ls=":", color=line.get_color(), label=f"pl ({key[4:]})")
         ax[3].axhline(cos["rollout"], ls="--", color=line.get_color(), label=f"rollout path ({key[4:]})")
-    ax[3].set(xlabel="M", ylabel="cos(estimate, exact gradient)", title="grad log pi estimators, neural models")
+    ax[3].set(xlabel="M", ylabel="cos(estimate, exact gradient)",
+              title="grad log pi estimators, neural models")
     ax[3].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
