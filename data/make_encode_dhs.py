@@ -33,8 +33,9 @@ def main(src: str | None = None, out: str = OUT) -> None:
         for row in csv.DictReader(f, delimiter="\t"):
             w.writerow([row["chr"], row["summit"], row["TAG"].split("_")[0], row["total_signal"],
                         SPLIT[row["data_label"]], row["sequence"].upper()])
-    with open(out, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=9, mtime=0, filename="") as gz:
-        gz.write(buf.getvalue().encode())
+    with open(out, "wb") as raw:  # no timestamp, no file name: the same bytes on every rebuild
+        with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=9, mtime=0, filename="") as gz:
+            gz.write(buf.getvalue().encode())
     print(f"wrote {out} ({os.path.getsize(out) / 1e6:.2f} MB)")
 
 
