@@ -830,7 +830,8 @@ class SEPO:
 
         # 4. The KL budget (math §7): back onto it if the update left it, then the multiplier's dual step.
         shrink = self._project_to_budget(roll.states, n_fixed) if cfg.kl_target is not None else 1.0
-        reward, kl, clip, log_ratio = self._gather(torch.stack([reward, kl, clipped.to(reward), log_ratio]))
+        per_sample = torch.stack([reward, kl, clipped.to(reward), log_ratio])
+        reward, kl, clip, log_ratio = self._gather(per_sample)
         kl_coef = self.kl_coef
         if cfg.kl_target is not None:
             self._dual_step(_finite_mean(kl))
