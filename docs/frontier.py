@@ -11,8 +11,8 @@ Pred-Activity against 3-mer correlation and App-Log-Lik; text: the gold judge's 
 prompts) and the reward model's score against the perplexity under the pre-trained model. The table flags, for
 each SEPO point, whether a best-of-N point is at least as good on both axes of the first panel (dominated; a
 lower perplexity is the more natural) and which N it beats on both. Its KL columns hold SEPO's path KL as
-realised against its budget: the mean over the second half of the iterations and the largest 10-iteration
-moving average; for best-of-N, the bound log N - (N - 1) / N on the KL of its samples' law to the pre-trained
+realised against its budget: the mean over the second half of the iterations and the largest mean over 10
+consecutive iterations; for best-of-N, the bound log N - (N - 1) / N on the KL of its samples' law to the pre-trained
 model.
 """
 import json
@@ -30,10 +30,11 @@ AXES = {"dna": ("Pred-Activity", ["3-mer corr", "App-Log-Lik"]),
 
 
 def realised_kl(history: list[dict]) -> tuple[float, float]:
-    """(mean path KL over the second half of the iterations, largest 10-iteration moving average)."""
+    """(mean path KL over the second half of the iterations, largest mean over 10 consecutive iterations)."""
     kl = [h["kl"] for h in history]
     half = kl[len(kl) // 2:]
-    moving = [sum(kl[max(0, i - 9):i + 1]) / len(kl[max(0, i - 9):i + 1]) for i in range(len(kl))]
+    window = min(10, len(kl))
+    moving = [sum(kl[i - window:i]) / window for i in range(window, len(kl) + 1)]
     return sum(half) / len(half), max(moving)
 
 
