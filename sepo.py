@@ -952,7 +952,7 @@ class SEPO:
             return 1.0
         beta = math.sqrt(cfg.kl_target / kl)
         for p, p_ref in zip(self.model.parameters(), self.ref_model.parameters()):
-            p.lerp_(p_ref, 1 - beta)
+            p.lerp_(p_ref.to(p.dtype), 1 - beta)  # a reference may be stored in bf16
         return beta
 
     def _dual_step(self, kl: float) -> None:

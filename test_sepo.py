@@ -953,6 +953,16 @@ def test_a_budget_with_room_changes_nothing():
     assert torch.equal(runs[0], runs[1])
 
 
+def test_the_pull_back_works_with_a_reference_stored_in_bf16():
+    """The SEDD path keeps its frozen reference in bf16 beside an fp32 policy: the pull-back casts it."""
+    graph, noise, model = make("masked")
+    ref = copy.deepcopy(model).to(torch.bfloat16)
+    trainer = sepo.SEPO(model, graph, noise, count_threes, 6, small_cfg(kl_target=1e-9, lr=3e-2), ref_model=ref)
+    stats = [trainer.step() for _ in range(2)]
+    assert any(s["kl_shrink"] < 1 for s in stats)
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_the_projection_lands_on_the_budget():
     """theta <- theta_ref + beta (theta - theta_ref), beta = sqrt(delta / KL): the KL is quadratic near the
     reference, so the path KL at the batch's states after the pull-back is the budget to first order."""

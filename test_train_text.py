@@ -514,7 +514,7 @@ def test_a_refused_run_leaves_the_folders_tokenizer_alone(tmp_path, monkeypatch)
 
 # ---------------------------------------------------------------------------- the SEDD path (--sedd)
 from models import gpt2 as G  # noqa: E402
-from models.text import TextReward, end_at_eot, load_networks, load_policy  # noqa: E402
+from models.text import TextReward, end_at_eot, load_policy  # noqa: E402
 from test_sedd import write_sedd_standin  # noqa: E402
 from test_text_models import (minchatgpt_state, write_causal_lm, write_hf_reward_model,  # noqa: E402
                               write_minchatgpt_checkpoint)

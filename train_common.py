@@ -35,11 +35,12 @@ def arg(default, help: str, choices: Optional[tuple] = None):
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
 
 
-def parse_config(config_cls, presets: dict, positive: tuple, argv: Optional[list[str]], description: str,
-                 types: Optional[dict] = None) -> tuple:
+def parse_config(config_cls, presets: dict | Callable[[dict], dict], positive: tuple,
+                 argv: Optional[list[str]], description: str, types: Optional[dict] = None) -> tuple:
     """Flags from the dataclass fields: an explicit flag wins over --preset, which wins over the field's
-    default. Numbers are checked now, not after pre-training (`not >=` also catches NaN).
-    -> (config, flags given)."""
+    default. presets: {name: settings}, or a function of the flags given that picks such a table (a paper
+    path has presets of its own). Numbers are checked now, not after pre-training (`not >=` also catches
+    NaN). -> (config, flags given)."""
     p = argparse.ArgumentParser(description=description)
     for f in dataclasses.fields(config_cls):
         if f.type == "bool":
@@ -49,7 +50,8 @@ def parse_config(config_cls, presets: dict, positive: tuple, argv: Optional[list
         flag_help = f"{f.metadata['help']} (default: {f.default!r})"
         p.add_argument("--" + f.name.replace("_", "-"), help=flag_help, **kind)
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
-    cfg = config_cls(**{**presets[given.get("preset", "cpu")], **given})
+    table = presets(given) if callable(presets) else presets
+    cfg = config_cls(**{**table[given.get("preset", "cpu")], **given})
     for k, v in dataclasses.asdict(cfg).items():
         number = isinstance(v, (int, float)) and not isinstance(v, bool)
         if number and not (v > 0 if k in positive else v >= 0):

@@ -150,12 +150,16 @@ POSITIVE = ("hidden", "stacks", "pretrain_steps", "pretrain_batch", "pretrain_lr
             "access_epochs", "ckpt_every", "n_eval", "bon_max", "elbo_t", "kl_gain", "eval_steps")
 
 
+def presets_for(given: dict) -> dict:
+    """The DRAKES run (--drakes, or any release file given) has presets of its own."""
+    release = any(given.get(flag) for flag in ("drakes", *RELEASE_FLAGS.values()))
+    return DRAKES_PRESETS if release else PRESETS
+
+
 def parse_args(argv: Optional[list[str]] = None) -> Config:
     """Flags from the Config fields (train_common.parse_config); the DRAKES run has presets of its own."""
     about, types = __doc__.split("\n\n")[0], {"test_chrom": chrom_name, "val_chrom": chrom_name}
-    cfg, given = parse_config(Config, PRESETS, POSITIVE, argv, about, types)
-    if cfg.release:
-        cfg, given = parse_config(Config, DRAKES_PRESETS, POSITIVE, argv, about, types)
+    cfg, given = parse_config(Config, presets_for, POSITIVE, argv, about, types)
     if cfg.release and "data" in given:
         raise ValueError("--data is the default run's table; the DRAKES run reads --drakes-data")
     return cfg

@@ -163,9 +163,8 @@ SEDD_ONLY = ("reward_model", "lora_merges", "reward_heads", "judge", "judge_lora
 def parse_args(argv: Optional[list[str]] = None) -> Config:
     """Flags from the Config fields: an explicit flag wins over --preset (SEDD_PRESETS with --sedd), which
     wins over the field's default."""
-    cfg, given = parse_config(Config, PRESETS, POSITIVE, argv, __doc__.split("\n\n")[0])
-    if cfg.sedd:  # the presets of the SEDD path (the flags were checked above, the presets are constants)
-        cfg = Config(**{**SEDD_PRESETS[cfg.preset], **given})
+    presets = lambda given: SEDD_PRESETS if given.get("sedd") else PRESETS  # the SEDD path has its own
+    cfg, given = parse_config(Config, presets, POSITIVE, argv, __doc__.split("\n\n")[0])
     if (cfg.data or cfg.sedd) and "policy_pairs" not in given:
         cfg.policy_pairs = 0  # real preference files have real labels; the gold judge only evaluates
     needs = [f for f in SEDD_ONLY if getattr(cfg, f)] + ["long_prompts"] * (cfg.long_prompts == "truncate")
@@ -277,7 +276,7 @@ def finetune(cfg: Config, data: TextData, graph, noise, pre: nn.Module, rm, amp:
     prompt_fn = lambda k, gen: pool[torch.randint(len(pool), (k,), generator=gen).to(device)]
     trainer = sepo.SEPO(model.requires_grad_(True), graph, noise, lambda x: rm.reward(x),
                         cfg.prompt_len + cfg.response_len, scfg, ref_model=pre, prompt_fn=prompt_fn)
-    settings = {**keys(cfg, data), **dataclasses.asdict(scfg), "world_size": WORLD}
+    settings = {**keys(cfg, data), **dataclasses.asdict(trainer.cfg), "world_size": WORLD}
     history, _ = train_sepo(trainer, "sepo", os.path.join(cfg.out, f"sepo_steps{cfg.steps}.pt"), settings,
                             cfg.iters, cfg.ckpt_every)
     return trainer.model.eval().requires_grad_(False), history

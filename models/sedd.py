@@ -403,7 +403,7 @@ def check_state_dict(state: Mapping, config: Mapping, source: str) -> dict[str, 
         if not isinstance(t, Tensor):
             problems.append(f"'{key}' holds a {type(t).__name__}, not a tensor")
         elif t.dtype != torch.float32:
-            problems.append(f"'{key}' is {t.dtype}, expected torch.float32 (cast with load_sedd(dtype=...))")
+            problems.append(f"'{key}' is {t.dtype}, expected torch.float32 (the published weights are fp32)")
         elif key in _VOCAB_KEYS and t.shape[0] != V:
             problems.append(f"'{key}' has {t.shape[0]} classes, expected tokens + {V - a['tokens']} = {V} "
                             f"for the '{a['graph']}' graph (shape {tuple(t.shape)})")

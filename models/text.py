@@ -160,15 +160,17 @@ def fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def load_networks(cfg, device, amp: str) -> dict:
+def load_networks(cfg, device, amp: str, evaluation: bool = True) -> dict:
     """The networks of a --sedd run (cfg: train_text.Config), each loaded and checked before any work:
     policy  the SEDD to fine-tune, fp32, head on the response block, cfg.checkpointing;
     ref     its frozen pre-trained copy, the KL reference and the evaluation's pre-trained model, stored in
-            bf16 under amp 'bf16' (its matmuls run in bf16 then anyway: half the memory, the same function);
+            bf16 under amp 'bf16' (half the memory; its matmuls run in bf16 then anyway, but its embeddings
+            and norms are rounded too, so its log-scores differ from the policy's by up to ~0.03 nats);
     reward  cfg.reward_model as a TextReward (None: train_text.py trains ours), on the device;
     judge   cfg.judge likewise (None: the gold judge) and lm, the causal LM of the generative perplexity
             (cfg.ppl_model; None: none), both on the CPU until the evaluation (to_device);
-    sedd_sha256, reward_sha256, judge_sha256: their weights' fingerprints (None where absent)."""
+    sedd_sha256, reward_sha256, judge_sha256: their weights' fingerprints (None where absent).
+    evaluation=False leaves out the judge and the perplexity LM (--bench)."""
     merges = {"": None, "0": 0, "1": 1, "2": 2}
     policy = load_policy(cfg.sedd, device, cfg.prompt_len, cfg.checkpointing)
     if amp == "bf16":
@@ -176,8 +178,9 @@ def load_networks(cfg, device, amp: str) -> dict:
     else:
         ref = copy.deepcopy(policy)
     out = {"policy": policy, "ref": ref.requires_grad_(False), "sedd_sha256": fingerprint(policy)}
+    judge = cfg.judge if evaluation else ""
     for name, path, lora, heads in (("reward", cfg.reward_model, cfg.lora_merges, cfg.reward_heads),
-                                    ("judge", cfg.judge, cfg.judge_lora_merges, cfg.judge_heads)):
+                                    ("judge", judge, cfg.judge_lora_merges, cfg.judge_heads)):
         net = load_reward_model(path, lora_merges=merges[lora], n_heads=heads or None) if path else None
         net = None if net is None else net.to(device if name == "reward" else "cpu")
         if getattr(net, "format", "") == "sepo" and net.gpt.wte.num_embeddings != GPT2_VOCAB:
@@ -186,10 +189,10 @@ def load_networks(cfg, device, amp: str) -> dict:
                              f"GPT-2's {GPT2_VOCAB}: train one with --sedd")
         out[name] = None if net is None else TextReward(net, cfg.prompt_len)
         out[f"{name}_sha256"] = None if net is None else fingerprint(net)
-    if cfg.judge and out["judge_sha256"] == out["reward_sha256"]:
+    if judge and out["judge_sha256"] == out["reward_sha256"]:
         raise ValueError(f"--judge {cfg.judge} holds the weights of the training reward model: a judge must "
                          "be another model")
-    out["lm"] = load_causal_lm(cfg.ppl_model) if cfg.ppl_model else None
+    out["lm"] = load_causal_lm(cfg.ppl_model) if cfg.ppl_model and evaluation else None
     return out
 
 
@@ -212,7 +215,7 @@ def bench_networks(cfg, device, amp: str) -> tuple:
         rm = RewardModel(cfg.vocab, length, cfg.rm_d_model, cfg.rm_layers, cfg.rm_heads).to(device)
         return graph, noise, model, None, rm
     graph, noise = sedd_diffusion()
-    nets = load_networks(cfg, device, amp)
+    nets = load_networks(cfg, device, amp, evaluation=False)
     if nets["reward"] is None:
         ours = RewardModel(GPT2_VOCAB, length, cfg.rm_d_model, cfg.rm_layers, cfg.rm_heads, EOT)
         nets["reward"] = TextReward(ours, cfg.prompt_len).to(device)
