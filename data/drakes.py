@@ -20,7 +20,6 @@ from the repository root: it imports sepo.py and data/dna.py.
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 import os
 import sys
@@ -120,11 +119,6 @@ NOISE = sepo.LogLinear(1e-3)  # MDLM's LogLinearNoise, eps 1e-3: mc(t) = 1 - e^{
 T_END = 1e-5                  # the grid's last time (MDLM's `_sample(eps=1e-5)`); never 0: mc(0) = 0
 
 
-def _device(model: nn.Module) -> torch.device:
-    p = next(itertools.chain(model.parameters(), model.buffers()), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 def check_tokens(x: Tensor, what: str, vocab: int = 4) -> None:
     """x is a LongTensor[N, L] over 0..vocab-1; else an error naming the first bad row and position."""
     if not isinstance(x, Tensor) or x.dim() != 2 or x.dtype != torch.long:
@@ -173,7 +167,7 @@ def drakes_sample(model: nn.Module, num_samples: int = 640, steps: int = 128, co
     if num_samples < 0 or batch_size < 1 or corrector_steps < 0:
         raise ValueError(f"need num_samples >= 0, batch_size >= 1, corrector_steps >= 0; "
                          f"got {num_samples}, {batch_size}, {corrector_steps}")
-    device = _device(model)
+    device = sepo._device(model)
     generator = generator or torch.Generator(device).manual_seed(seed)
     ts = drakes_grid(steps, device)
     out = []
@@ -207,7 +201,7 @@ def drakes_log_likelihood(model: nn.Module, x0: Tensor, steps: int = 128,
     together, batch_size (sequence, time) rows a pass; the masks come from one generator (default: seeded
     with `seed`, on the model's device)."""
     check_tokens(x0, "x0")
-    device = _device(model)
+    device = sepo._device(model)
     generator = generator or torch.Generator(device).manual_seed(seed)
     sigma = NOISE(drakes_grid(steps, device)[:-1])[0]
     w = likelihood_weights(steps).to(device)
@@ -234,7 +228,7 @@ def oracle_predictions(oracle: nn.Module, x: Tensor, batch_size: int = 64) -> Te
     """oracle(x) [N, T] in float64 on the CPU, batch_size sequences a call (an oracle is called on
     LongTensor[B, 200]; a gReLU [B, T, 1] output loses its last axis); a wrong shape is an error."""
     check_tokens(x, "sequences")
-    device, out = _device(oracle), []
+    device, out = sepo._device(oracle), []
     for xb in x.split(batch_size):
         y = oracle(xb.to(device))
         y = y[..., 0] if isinstance(y, Tensor) and y.dim() == 3 and y.shape[-1] == 1 else y
