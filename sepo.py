@@ -685,7 +685,7 @@ class SEPOConfig:
     clip_eps: float = 0.2        # eps of the clipped objective
     kl_coef: float = 0.05        # alpha; with kl_target, its value while the KL is within the budget
     kl_target: Optional[float] = None  # a KL budget delta: the path KL is held at or below it (math §7)
-    kl_gain: float = 0.5         # kl_target: lambda += kl_gain * min(KL / delta - 1, 1), lambda >= 0
+    kl_gain: float = 0.5         # kl_target: lambda += kl_gain * min(KL / delta - 1, 1) >= 0 (math §7)
     kl_steps: int = 10           # path KL over the last kl_steps sampler steps
     snis_samples: int = 4        # M latent paths per sample (SNIS ratio, grad="path")
     steps: int = 128             # T sampler steps
@@ -815,8 +815,9 @@ class SEPO:
         paths, logq, logp_old = self._latent_paths(x, n_fixed)
 
         # 3. K epochs of the clipped objective. An update whose ratio, surrogate, KL or gradient is not
-        #    finite is skipped (math §6): the weights and the optimizer state stay as they were.
-        skipped, culprit = 0, ""
+        #    finite is skipped (math §6): the weights and the optimizer state stay as they were. With a KL
+        #    budget, an update that leaves it is pulled back onto it at once (math §7).
+        skipped, culprit, shrink, kl_update = 0, "", 1.0, math.nan
         for epoch in range(cfg.epochs):
             logp, log_ratio = self._log_ratio(epoch, roll, paths, logp_old, logq, n_fixed)
             coef, clipped = clip_coefficients(log_ratio, adv, cfg.clip_eps)
@@ -827,14 +828,16 @@ class SEPO:
                 skipped += 1
                 culprit = culprit or bad
                 loss, grad_norm = 0.0, torch.zeros(())
+            if cfg.kl_target is not None:
+                beta, kl_update = self._project_to_budget(roll.states, n_fixed)
+                shrink = min(shrink, beta)
 
-        # 4. The KL budget (math §7): back onto it if the update left it, then the multiplier's dual step.
-        shrink = self._project_to_budget(roll.states, n_fixed) if cfg.kl_target is not None else 1.0
+        # 4. Statistics over every rank, and the KL budget's multiplier: its dual step (math §7).
         per_sample = torch.stack([reward, kl, clipped.to(reward), log_ratio])
         reward, kl, clip, log_ratio = self._gather(per_sample)
         kl_coef = self.kl_coef
         if cfg.kl_target is not None:
-            self._dual_step(_finite_mean(kl))
+            self._dual_step(kl_update)  # the KL the last update reached, before its pull-back
         self.iteration += 1
         self._count_bad(skipped, culprit)
         ratio = log_ratio.clamp(-LOG_RATIO_MAX, LOG_RATIO_MAX).exp()
@@ -937,23 +940,38 @@ class SEPO:
         return grad_norm, bad
 
     @torch.no_grad()
-    def _project_to_budget(self, states: Tensor, n_fixed: int) -> float:
+    def _project_to_budget(self, states: Tensor, n_fixed: int) -> tuple[float, float]:
         """If the updated policy's path KL at this batch's states exceeds kl_target = delta, pull the weights
-        back along the segment to the reference: theta <- theta_ref + beta (theta - theta_ref), beta =
-        sqrt(delta / KL). The KL is quadratic near the reference, so this lands on the budget at once, where
-        the multiplier alone would react iterations late (math §7). -> beta (1: the weights are
-        untouched)."""
+        back along the segment to the reference, theta <- theta_ref + beta (theta - theta_ref), with beta such
+        that the KL lands on delta, where the multiplier alone would react iterations late (math §7). Called
+        after every update. -> (beta (1: the weights are untouched), the KL before the pull-back)."""
+        kl = self._budget_kl(states, n_fixed)
+        delta = self.cfg.kl_target
+        if not kl > delta:  # within the budget (or no finite estimate): nothing to do
+            return 1.0, kl
+        # KL(beta) ~ KL beta^power, power = 2 near the reference; one more pass fits power farther out
+        beta = math.sqrt(delta / kl)
+        self._pull_back(beta)
+        landed = self._budget_kl(states, n_fixed)
+        if 0 < landed < kl:
+            power = math.log(kl / landed) / math.log(1 / beta)
+            fitted = (delta / kl) ** (1 / power)
+            self._pull_back(fitted / beta)  # along the same segment: out if it landed short, in if beyond
+            beta = fitted
+        return beta, kl
+
+    def _budget_kl(self, states: Tensor, n_fixed: int) -> float:
+        """The path KL at the batch's states, averaged over every rank's samples."""
         cfg = self.cfg
         with self._autocast():
             kl = path_kl(self.model, self.ref_model, self.graph, self.noise, states, cfg.steps, n_fixed,
                          cfg.chunk_size)
-        kl = _finite_mean(self._gather(kl))
-        if not kl > cfg.kl_target:  # within the budget (or no finite estimate): nothing to do
-            return 1.0
-        beta = math.sqrt(cfg.kl_target / kl)
+        return _finite_mean(self._gather(kl))
+
+    def _pull_back(self, beta: float) -> None:
+        """theta <- theta_ref + beta (theta - theta_ref)."""
         for p, p_ref in zip(self.model.parameters(), self.ref_model.parameters()):
             p.lerp_(p_ref.to(p.dtype), 1 - beta)  # a reference may be stored in bf16
-        return beta
 
     def _dual_step(self, kl: float) -> None:
         """Projected dual ascent on the multiplier lambda >= 0 of KL <= delta: alpha = kl_coef + lambda
