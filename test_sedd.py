@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import sepo
-from models.sedd import SEDD, apply_rotary, expected_keys, load_sedd, modulate, rotary_inv_freq
+from models.sedd import SEDD, apply_rotary, bf16_copy, expected_keys, load_sedd, modulate, rotary_inv_freq
 
 GOLDEN = Path(__file__).parent / "models" / "golden"
 GPT2 = 50257  # GPT-2's real tokens; MASK = 50257 and V = 50258 in the published models
@@ -482,6 +482,29 @@ def test_load_bf16_and_options(standin):
     assert (b[:, 3:] - a[:, 3:]).abs().max() < 0.05 * a.abs().max()
     with pytest.raises(ValueError, match="dtype must be"):
         load_sedd(folder, dtype=torch.float16)
+
+
+def test_bf16_copy_is_the_file_loaded_in_bf16(standin):
+    folder, _, _ = standin
+    policy = load_sedd(folder, head_from=3, checkpoint=True)
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    low = bf16_copy(policy)
+    from_file = load_sedd(folder, dtype=torch.bfloat16, head_from=3)
+    assert low.state_dict().keys() == from_file.state_dict().keys()
+    for key, t in from_file.state_dict().items():  # the same dtypes and bits (inv_freq stays fp32)
+        assert low.state_dict()[key].dtype == t.dtype and torch.equal(low.state_dict()[key], t), key
+    assert low.autocast and not low.checkpoint and not low.training and low.head_from == 3
+    assert not any(p.requires_grad for p in low.parameters())
+    x, sigma = masked_input(GPT2, 2, 8), torch.tensor([0.2, 4.0])
+    with torch.no_grad():
+        torch.testing.assert_close(low(x, sigma), from_file(x, sigma), rtol=0, atol=0)
+    # the policy is untouched: fp32, trainable, its own storage
+    assert policy.checkpoint
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in policy.parameters())
+    for key, t in policy.state_dict().items():
+        assert torch.equal(t, before[key]), key
+    low.blocks[0].attn_qkv.weight.data.zero_()
+    assert policy.blocks[0].attn_qkv.weight.abs().sum() > 0
 
 
 def _renamed(state: dict, old: str, new: str) -> dict:

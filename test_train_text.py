@@ -514,7 +514,7 @@ def test_a_refused_run_leaves_the_folders_tokenizer_alone(tmp_path, monkeypatch)
 
 # ---------------------------------------------------------------------------- the SEDD path (--sedd)
 from models import gpt2 as G  # noqa: E402
-from models.text import TextReward, end_at_eot, load_policy  # noqa: E402
+from models.text import TextReward, end_at_eot, load_networks, load_policy  # noqa: E402
 from test_sedd import write_sedd_standin  # noqa: E402
 from test_text_models import (minchatgpt_state, write_causal_lm, write_hf_reward_model,  # noqa: E402
                               write_minchatgpt_checkpoint)
@@ -549,6 +549,24 @@ def sedd_files(tmp_path_factory):
 
 def sedd_run(files, out, *flags):
     return T.main(["--sedd", files["sedd"], "--data", files["data"], *TINY_SEDD, "--out", str(out), *flags])
+
+
+def test_a_bf16_reference_reads_the_checkpoint_once(tmp_path, sedd_files, monkeypatch):
+    """Under amp bf16 the KL reference is the loaded policy rounded to bf16 (models/sedd.py: bf16_copy): the
+    same tensors as a second read of the file would give, without that read."""
+    import models.sedd as S
+    reads, read = [], S._read_weights
+    monkeypatch.setattr(S, "_read_weights", lambda path: reads.append(path) or read(path))
+    cfg = T.parse_args(["--sedd", sedd_files["sedd"], "--data", sedd_files["data"], *TINY_SEDD,
+                        "--out", str(tmp_path)])
+    nets = load_networks(cfg, "cpu", "bf16", evaluation=False)
+    assert len(reads) == 1
+    again = S.load_sedd(sedd_files["sedd"], dtype=torch.bfloat16, head_from=cfg.prompt_len)
+    ref, policy = nets["ref"].state_dict(), nets["policy"].state_dict()
+    for key, t in again.state_dict().items():
+        assert ref[key].dtype == t.dtype and torch.equal(ref[key], t), key
+        assert policy[key].dtype == torch.float32, key
+    assert nets["ref"].autocast and not nets["policy"].autocast
 
 
 REWARD_FLAGS = {"transformers": lambda f: ["--reward-model", f["transformers"]],

@@ -355,6 +355,27 @@ def file_sha256(path: str) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()[:16]
 
 
+def sampled_pairs(path: str, malformed: dict, seed: int, max_pairs: int | None) -> list:
+    """The pairs of a file or folder (load_hh; what it skips counted in malformed), or max_pairs of them drawn
+    with `seed`."""
+    pairs = load_hh(path, malformed)
+    if max_pairs and len(pairs) > max_pairs:
+        pairs = random.Random(seed).sample(pairs, max_pairs)
+    return pairs
+
+
+def held_out_prompts(pairs: list, seed: int) -> set[str]:
+    """The split by prompt: 15% of the distinct prompts (at least one), drawn with `seed`."""
+    keys = sorted({prompt_text(p.prompt) for p in pairs})
+    random.Random(seed).shuffle(keys)
+    return set(keys[: max(1, int(0.15 * len(keys)))])
+
+
+def first_rows(x: torch.Tensor) -> np.ndarray:
+    """The index of the first occurrence of each distinct row of x [N, L], in increasing order."""
+    return np.sort(np.unique(x.numpy(), axis=0, return_index=True)[1])
+
+
 def prepare_data(path: str, vocab: int, prompt_len: int, response_len: int, seed: int = 0,
                  max_pairs: int | None = None, long: str = "skip") -> TextData:
     """Load the pairs (of a file, or of every HH-RLHF file of a folder, pooled: the split below ignores the
@@ -366,12 +387,8 @@ def prepare_data(path: str, vocab: int, prompt_len: int, response_len: int, seed
     prompts never reach pre-training, the reward model or SEPO (their replies may: docs/text.md, the
     split)."""
     malformed: dict = {}
-    pairs = load_hh(path, malformed)
-    if max_pairs and len(pairs) > max_pairs:
-        pairs = random.Random(seed).sample(pairs, max_pairs)
-    keys = sorted({prompt_text(p.prompt) for p in pairs})
-    random.Random(seed).shuffle(keys)
-    test_keys = set(keys[: max(1, int(0.15 * len(keys)))])
+    pairs = sampled_pairs(path, malformed, seed, max_pairs)
+    test_keys = held_out_prompts(pairs, seed)
     split = {k: [p for p in pairs if (prompt_text(p.prompt) in test_keys) == (k == "test")]
              for k in ("train", "test")}
     tok = train_tokenizer([prompt_text(p.prompt) + " " + p.chosen + " " + p.rejected for p in split["train"]],
@@ -390,8 +407,7 @@ def prepare_data(path: str, vocab: int, prompt_len: int, response_len: int, seed
     if len(train) < 2 or len(test) < 1:
         raise ValueError(f"{path}: too few usable pairs ({len(train)} train, {len(test)} held out)")
     half = torch.randperm(len(c_tr), generator=torch.Generator().manual_seed(seed))[: len(c_tr) // 2]
-    first_p = np.sort(np.unique(xp.numpy(), axis=0, return_index=True)[1])
-    first_q = np.sort(np.unique(xq.numpy(), axis=0, return_index=True)[1])
+    first_p, first_q = first_rows(xp), first_rows(xq)
     lm = torch.from_numpy(np.unique(c_tr.numpy(), axis=0))  # supervised fine-tuning data: the chosen replies
     info = dict(source=path, pairs=len(train) + len(test), skipped_long_prompts=skipped,
                 skipped_malformed=sum(malformed.values()), skipped_identical_after_cut=identical,
@@ -565,16 +581,12 @@ def prepare_gpt2_data(path: str, prompt_len: int, response_len: int, seed: int =
     model's pairs are ALL the training pairs (no LM pre-trains on them here); lm_train holds the unique
     (prompt | chosen) rows of the training split, unused by SEPO."""
     malformed: dict = {}
-    pairs = load_hh(path, malformed)
-    if max_pairs and len(pairs) > max_pairs:
-        pairs = random.Random(seed).sample(pairs, max_pairs)
+    pairs = sampled_pairs(path, malformed, seed, max_pairs)
     files_split = {p.split for p in pairs} == {"train", "test"}
     if files_split:
         test_keys = {prompt_text(p.prompt) for p in pairs if p.split == "test"}
     else:
-        keys = sorted({prompt_text(p.prompt) for p in pairs})
-        random.Random(seed).shuffle(keys)
-        test_keys = set(keys[: max(1, int(0.15 * len(keys)))])
+        test_keys = held_out_prompts(pairs, seed)
     enc, skipped, identical = {}, 0, 0
     for k in ("train", "test"):
         g = gpt2_pairs([p for p in pairs if (prompt_text(p.prompt) in test_keys) == (k == "test")],
@@ -589,8 +601,7 @@ def prepare_gpt2_data(path: str, prompt_len: int, response_len: int, seed: int =
     if len(train) < 2 or len(test) < 1:
         raise ValueError(f"{path}: too few usable pairs ({len(train)} train, {len(test)} held out) with "
                          f"{prompt_len}-token prompts; raise --prompt-len or truncate long prompts")
-    first_p = np.sort(np.unique(xp.numpy(), axis=0, return_index=True)[1])
-    first_q = np.sort(np.unique(xq.numpy(), axis=0, return_index=True)[1])
+    first_p, first_q = first_rows(xp), first_rows(xq)
     lm = torch.from_numpy(np.unique(c_tr.numpy(), axis=0))
     tok = gpt2_tokenizer()
     split = "the folder's train/test files" if files_split else "by prompt, 15% held out"

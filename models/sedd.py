@@ -48,7 +48,8 @@ goes through SDPA with no mask, so on CUDA it gets the flash or memory-efficient
 Loading. `load_sedd` reads a hub-layout directory (config.json + model.safetensors or pytorch_model.bin), a
 hub id (downloaded only when named), or a SEDD training run (.hydra/config.yaml + checkpoints-meta/
 checkpoint.pth, EMA weights by default). It checks every key, shape and dtype against `expected_keys`:
-upstream's PyTorchModelHubMixin loads with strict=False and would hide a mismatch.
+upstream's PyTorchModelHubMixin loads with strict=False and would hide a mismatch. `bf16_copy` gives a loaded
+model's frozen bf16 copy (a KL reference), the same tensors as loading the file again with dtype=bfloat16.
 """
 from __future__ import annotations
 
@@ -536,10 +537,23 @@ def load_sedd(path_or_id: Union[str, os.PathLike], device: Union[str, torch.devi
     state = _run_state(weights, ema) if weights.name == "checkpoint.pth" else _read_weights(weights)
     state = check_state_dict(state, config, str(weights))
     if dtype == torch.bfloat16:
-        state = {k: v if k == "rotary_emb.inv_freq" else v.to(dtype) for k, v in state.items()}
+        state = {k: v if k == "rotary_emb.inv_freq" else v.to(dtype) for k, v in state.items()}  # bf16_copy's
         options["autocast"] = True
     with torch.device("meta"):  # no initialisation work: every tensor comes from the file
         model = SEDD(**{**arch, "dropout": dropout, **options})
     model.load_state_dict(state, strict=True, assign=True)
     model.config = config
     return model.to(device).eval()
+
+
+def bf16_copy(model: SEDD) -> SEDD:
+    """A frozen copy of `model` stored as load_sedd(dtype=torch.bfloat16) stores the same file: parameters
+    rounded to bf16, the rotary frequencies fp32, autocast on, no activation checkpointing, eval mode, no
+    gradients. A KL reference without reading the checkpoint a second time; only the bf16 tensors are
+    allocated (no fp32 copy first), and `model` is not changed."""
+    low = {id(p): nn.Parameter(p.detach().to(torch.bfloat16, copy=True), requires_grad=False)
+           for p in model.parameters()}
+    ref = copy.deepcopy(model, memo=low)  # deepcopy takes every parameter from the memo: its bf16 copy
+    ref.autocast = True
+    ref.checkpoint = False
+    return ref.eval()

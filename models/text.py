@@ -30,7 +30,7 @@ from torch import Tensor, nn
 import sepo
 from data.text import EOT, GPT2_VOCAB
 from models.gpt2 import RewardModel, load_causal_lm, load_reward_model
-from models.sedd import SEDD, load_sedd
+from models.sedd import SEDD, bf16_copy, load_sedd
 
 
 # ---------------------------------------------------------------------------- the default run's LM
@@ -92,26 +92,24 @@ def sedd_diffusion() -> tuple[sepo.Masked, sepo.LogLinear]:
     return sepo.Masked(GPT2_VOCAB), sepo.LogLinear(1e-3)
 
 
-def load_policy(name: str, device, prompt_len: int, checkpoint: bool = False,
-                dtype: torch.dtype | None = None) -> SEDD:
+def load_policy(name: str, device, prompt_len: int, checkpoint: bool = False) -> SEDD:
     """SEDD from a hub-layout folder, a SEDD run or a hub id (load_sedd: strict, eval mode, no dropout), or
     'random:small' / 'random:medium': seeded random weights of that configuration (to time an iteration
-    without the files). The head runs on the response block only (head_from = prompt_len); checkpoint:
-    activation checkpointing of every block; dtype bfloat16 (a frozen reference) autocasts its matmuls."""
+    without the files). fp32; the head runs on the response block only (head_from = prompt_len); checkpoint:
+    activation checkpointing of every block."""
     if name.startswith("random:"):
         size = name.removeprefix("random:")
         if size not in SEDD_CONFIGS:
             raise ValueError(f"--sedd {name}: random weights of {sorted(SEDD_CONFIGS)} only (random:medium)")
-        with torch.random.fork_rng(devices=[]):  # seeded: the policy and its bf16 reference are the same
+        with torch.random.fork_rng(devices=[]):  # seeded: the same weights in every run and process
             torch.manual_seed(0)
             model = SEDD.from_config(SEDD_CONFIGS[size], dropout=0.0, head_from=prompt_len,
                                      checkpoint=checkpoint)
             for p in model.parameters():
                 if p.dim() > 1:  # not SEDD's zero init of head and adaLN: outputs that depend on the input
                     nn.init.normal_(p, std=0.02)
-        model.autocast = dtype == torch.bfloat16
-        return model.to(device=device, dtype=dtype or torch.float32).eval()
-    model = load_sedd(name, device, dtype, head_from=prompt_len, checkpoint=checkpoint)
+        return model.to(device).eval()
+    model = load_sedd(name, device, head_from=prompt_len, checkpoint=checkpoint)
     if model.tokens != GPT2_VOCAB or model.mask_id != GPT2_VOCAB:
         raise ValueError(f"--sedd {name}: a SEDD over {model.tokens} tokens with mask id {model.mask_id}; "
                          f"the text path needs GPT-2's {GPT2_VOCAB} tokens and the absorbing graph")
@@ -173,10 +171,7 @@ def load_networks(cfg, device, amp: str, evaluation: bool = True) -> dict:
     evaluation=False leaves out the judge and the perplexity LM (--bench)."""
     merges = {"": None, "0": 0, "1": 1, "2": 2}
     policy = load_policy(cfg.sedd, device, cfg.prompt_len, cfg.checkpointing)
-    if amp == "bf16":
-        ref = load_policy(cfg.sedd, device, cfg.prompt_len, dtype=torch.bfloat16)
-    else:
-        ref = copy.deepcopy(policy)
+    ref = bf16_copy(policy) if amp == "bf16" else copy.deepcopy(policy)  # the file is read once
     out = {"policy": policy, "ref": ref.requires_grad_(False), "sedd_sha256": fingerprint(policy)}
     judge = cfg.judge if evaluation else ""
     for name, path, lora, heads in (("reward", cfg.reward_model, cfg.lora_merges, cfg.reward_heads),
