@@ -271,6 +271,9 @@ def model_output(model: nn.Module, graph: Graph, x: Tensor, sigmabar: Tensor) ->
     return out.to(torch.promote_types(out.dtype, torch.float32))
 
 
+LOG_LAM_DT_MAX = 20.0  # lambda dt is capped at e^20 = 4.9e8: P(stay) is 0 in any float beyond (math §2)
+
+
 def tau_leap_log_probs(log_rate: Tensor, x: Tensor, dt: Tensor, y: Optional[Tensor] = None) -> Tensor:
     """One tau-leaping step per token with total leaving rate lambda = sum_{v != x^l} rate_v:
     P(stay) = exp(-lambda dt), P(x^l -> v) = (1 - exp(-lambda dt)) rate_v / lambda  [B, L, V], or [B, L]
@@ -279,7 +282,7 @@ def tau_leap_log_probs(log_rate: Tensor, x: Tensor, dt: Tensor, y: Optional[Tens
     log_rate = log_rate.scatter(-1, x[..., None], NEG_INF)
     log_lam = torch.logsumexp(log_rate, -1, keepdim=True)
     u = log_lam + _col(dt).log()
-    lam_dt = u.exp()
+    lam_dt = u.clamp(max=LOG_LAM_DT_MAX).exp()  # never inf: the backward of exp would form 0 * inf = NaN
     # log(1 - e^{-lam dt}), = log(lam dt) where lam dt underflows; clamps keep autograd finite with no move
     log_leave = torch.where(lam_dt < _tiny(u), u.clamp(min=torch.finfo(u.dtype).min),
                             torch.log((-torch.expm1(-lam_dt)).clamp(min=_tiny(u))))

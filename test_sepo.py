@@ -701,6 +701,38 @@ def test_clip_coefficients_are_finite_whatever_the_log_ratio():
     assert torch.isnan(nan_coef).all()  # no estimate at all stays visible: step() skips that update
 
 
+def test_tau_leaping_has_finite_gradients_where_lambda_dt_overflows():
+    """Rates with lambda dt = e^98 (inf in fp32): a jump's log-probability keeps its exact, finite gradient
+    (the backward of exp(inf) formed 0 * inf = NaN), and a stay's log-probability is -e^LOG_LAM_DT_MAX."""
+    log_rate = torch.tensor([[[0.0, 100.0, 99.0, 98.0]]], requires_grad=True)  # [1, 1, 4], at x = 0
+    x, y, dt = torch.tensor([[0]]), torch.tensor([[2]]), torch.tensor([0.01])
+    lp = sepo.tau_leap_log_probs(log_rate, x, dt, y)
+    lp.sum().backward()
+    soft = torch.softmax(torch.tensor([100.0, 99.0, 98.0]), 0)  # P(jump to v) = rate_v / lambda, v != x
+    torch.testing.assert_close(lp, soft[1].log().view(1, 1))
+    expected = torch.tensor([0.0, 0.0, 1.0, 0.0]) - torch.cat([torch.zeros(1), soft])  # onehot_y - softmax
+    torch.testing.assert_close(log_rate.grad[0, 0], expected)
+    full = sepo.tau_leap_log_probs(log_rate.detach(), x, dt)[0, 0]
+    assert full[0].item() == pytest.approx(-math.exp(sepo.LOG_LAM_DT_MAX), rel=1e-6)
+    torch.testing.assert_close(full.exp().sum(), torch.tensor(1.0))
+
+
+def test_rates_beyond_the_float_range_give_finite_updates():
+    """A uniform-graph model whose rates overflow fp32 at every step (log-scores of 100): the rollout
+    estimator's and the KL's gradients are finite, so the updates are applied, none skipped."""
+    graph, noise, model = make("uniform")
+    with torch.no_grad():
+        model.net[-1].bias.fill_(100.0)
+    cfg = small_cfg(grad="rollout", ratio="rollout", epochs=2, kl_coef=0.1)
+    trainer = sepo.SEPO(model, graph, noise, count_threes, 6, cfg)
+    before = _weights_and_optimizer(trainer)["model"]
+    for _ in range(2):
+        s = trainer.step()
+        assert s["skipped"] == 0 and trainer.nonfinite == "" and math.isfinite(s["grad_norm"])
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert not _same(before, trainer.model.state_dict())
+
+
 def _weights_and_optimizer(trainer):
     return copy.deepcopy({"model": trainer.model.state_dict(), "optimizer": trainer.opt.state_dict()})
 
