@@ -537,7 +537,7 @@ def load_sedd(path_or_id: Union[str, os.PathLike], device: Union[str, torch.devi
     state = _run_state(weights, ema) if weights.name == "checkpoint.pth" else _read_weights(weights)
     state = check_state_dict(state, config, str(weights))
     if dtype == torch.bfloat16:
-        state = {k: v if k == "rotary_emb.inv_freq" else v.to(dtype) for k, v in state.items()}  # bf16_copy's
+        state = {k: v if k == "rotary_emb.inv_freq" else v.to(dtype) for k, v in state.items()}
         options["autocast"] = True
     with torch.device("meta"):  # no initialisation work: every tensor comes from the file
         model = SEDD(**{**arch, "dropout": dropout, **options})
