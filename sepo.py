@@ -324,13 +324,16 @@ def _device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def _prefix_rows(prefix: Optional[Tensor], num_samples: int, device) -> Optional[Tensor]:
+def _prefix_rows(prefix: Optional[Tensor], num_samples: int, graph: Graph, device) -> Optional[Tensor]:
     if prefix is None:
         return None
     prefix = torch.as_tensor(prefix, device=device).long()
     prefix = prefix.expand(num_samples, -1) if prefix.dim() == 1 else prefix
     if prefix.dim() != 2 or prefix.shape[0] != num_samples:
         raise ValueError(f"prefix must be [Lp] or [{num_samples}, Lp], got {tuple(prefix.shape)}")
+    if prefix.numel() and not 0 <= prefix.min() <= prefix.max() < graph.n:  # a MASK would pass as clean
+        raise ValueError(f"prefix ids must be tokens 0..{graph.n - 1}, found {prefix.min().item()}.."
+                         f"{prefix.max().item()}")
     return prefix
 
 
@@ -375,7 +378,7 @@ def rollout(model, graph: Graph, noise, num_samples: int, length: int, steps: in
     `corrector_steps` gradient-flow corrector steps. record=True keeps the whole latent path and
     its log-probability under the sampler (the rollout estimators, math §4 and §5)."""
     device = _device(model)
-    prefix = _prefix_rows(prefix, num_samples, device)
+    prefix = _prefix_rows(prefix, num_samples, graph, device)
     n_fixed = 0 if prefix is None else prefix.shape[1]
     if n_fixed > length:
         raise ValueError(f"prefix of length {n_fixed} does not fit in length {length}")
@@ -413,7 +416,7 @@ def sample(model, graph: Graph, noise, num_samples: int, length: int, steps: int
     gradient-flow corrector steps ("SEPO with GF"). prefix [Lp] or [B, Lp] is kept as is;
     batch_size bounds the sequences sampled at once (the result does not depend on it only when None)."""
     bs = batch_size or max(num_samples, 1)
-    prefix = _prefix_rows(prefix, num_samples, _device(model))
+    prefix = _prefix_rows(prefix, num_samples, graph, _device(model))
     return torch.cat([rollout(model, graph, noise, min(bs, num_samples - i), length, steps, corrector_steps,
                               None if prefix is None else prefix[i:i + bs], generator).x
                       for i in range(0, max(num_samples, 1), bs)])[:num_samples]
@@ -689,7 +692,7 @@ class SEPOConfig:
     kl_coef: float = 0.05        # alpha; with kl_target, its value while the KL is within the budget
     kl_target: Optional[float] = None  # a KL budget delta: the path KL is held at or below it (math §7)
     kl_gain: float = 0.5         # kl_target: lambda += kl_gain * min(KL / delta - 1, 1) >= 0 (math §7)
-    kl_steps: int = 10           # path KL over the last kl_steps sampler steps
+    kl_steps: int = 10           # path KL over the predictor transitions of the last kl_steps steps
     snis_samples: int = 4        # M latent paths per sample (SNIS ratio, grad="path")
     steps: int = 128             # T sampler steps
     corrector_steps: int = 0     # gradient-flow corrector steps after each predictor step
@@ -860,8 +863,9 @@ class SEPO:
             return None
         B = self.cfg.batch_size
         prompts = torch.as_tensor(self.prompt_fn(B, self.prompt_gen)).long().to(self.device)
-        if prompts.dim() != 2 or prompts.shape[0] != B:
-            raise ValueError(f"prompt_fn returned {tuple(prompts.shape)}, expected [{B}, Lp]")
+        if prompts.dim() != 2 or prompts.shape[0] != B or prompts.shape[1] >= self.length:
+            raise ValueError(f"prompt_fn returned {tuple(prompts.shape)}, expected [{B}, Lp] with Lp < "
+                             f"length = {self.length}: a response to learn")
         return prompts.repeat_interleave(self.cfg.group_size, 0)
 
     def _advantages(self, reward: Tensor) -> Tensor:
@@ -929,8 +933,10 @@ class SEPO:
         """Average the gradient over ranks, clip it and take the Adam step, unless something was not finite
         on some rank; then no rank steps and the gradient is dropped. -> (gradient norm, non-finite)."""
         params = [p for p in self.model.parameters() if p.requires_grad]
-        if self.world > 1:
-            for p in params:  # the mean over ranks, as DDP: the union batch's gradient
+        if self.world > 1:  # the mean over ranks, as DDP: the union batch's gradient
+            used = torch.tensor([float(p.grad is not None) for p in params], device=self.device)
+            dist.all_reduce(used, op=dist.ReduceOp.MAX)  # one no rank used keeps grad None: Adam skips it
+            for p in itertools.compress(params, used.tolist()):
                 p.grad = torch.zeros_like(p) if p.grad is None else p.grad
                 dist.all_reduce(p.grad)
                 p.grad /= self.world

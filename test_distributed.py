@@ -123,6 +123,52 @@ def test_a_two_rank_state_resumes_exactly_and_only_on_two_ranks(tmp_path):
         trainer.load_state_dict(state)
 
 
+class Gated(torch.nn.Module):
+    """A model with a bias `extra` that takes part in the passes only while `use` is True."""
+
+    def __init__(self, base: torch.nn.Module, n: int):
+        super().__init__()
+        self.base = base
+        self.extra = torch.nn.Parameter(torch.zeros(n))
+        self.use = True
+
+    def forward(self, x, sigma):
+        out = self.base(x, sigma)
+        return out + self.extra if self.use else out
+
+
+def gated_steps(seed: int, batch_size: int) -> float:
+    """How far `extra` moves in a second step that does not use it, after a first that does."""
+    graph, noise, base = make("uniform", seed=seed)
+    model = Gated(base, graph.n).double()
+    cfg = small_cfg(grad="rollout", ratio="rollout", epochs=1, kl_steps=0, lr=1e-2, batch_size=batch_size)
+    trainer = sepo.SEPO(model, graph, noise, count_threes, 6, cfg)
+    trainer.step()
+    before = model.extra.detach().clone()
+    model.use = False
+    trainer.step()
+    return (model.extra.detach() - before).abs().max().item()
+
+
+def _gated_worker(rank: int, store: str, out: str) -> None:
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        torch.save(gated_steps(seed=rank, batch_size=2), os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_parameter_no_rank_used_is_not_moved_as_alone(tmp_path):
+    """Alone, a parameter with no gradient keeps grad None and Adam leaves it; on two ranks it once got a zero
+    gradient, and Adam moved it by its momentum (6.7e-3 here)."""
+    assert gated_steps(seed=0, batch_size=4) == 0.0
+    mp.spawn(_gated_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD)
+    assert [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)] == [0.0, 0.0]
+
+
 def _exit_worker(rank: int, store: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     trainer_for(next(iter(CASES)), seed=rank)  # its Adam imports torch.distributed.nn unless done already

@@ -129,6 +129,9 @@ def test_bad_prefix_is_an_error():
         sepo.sample(model, graph, noise, 2, 6, steps=2, prefix=torch.zeros(7, dtype=torch.long))
     with pytest.raises(ValueError, match="prefix must be"):
         sepo.sample(model, graph, noise, 2, 6, steps=2, prefix=torch.zeros(3, 2, dtype=torch.long))
+    for bad in (graph.mask_id, -1):  # a MASK in the prompt was copied into every "clean" sample
+        with pytest.raises(ValueError, match=rf"prefix ids must be tokens 0\.\.3, found {min(bad, 0)}\.\."):
+            sepo.sample(model, graph, noise, 2, 6, steps=2, prefix=torch.tensor([0, bad]))
 
 
 @pytest.mark.parametrize("name", GRAPHS)
@@ -847,8 +850,9 @@ def test_sampler_settings_that_would_be_silently_wrong_are_errors():
 def test_wrong_prompt_shape_is_an_error():
     graph, noise, model = make("masked")
     for bad in (lambda k, g: torch.zeros(k + 1, 2, dtype=torch.long),
-                lambda k, g: torch.zeros(k, dtype=torch.long)):
-        with pytest.raises(ValueError, match=r"prompt_fn returned .*expected \[4, Lp\]"):
+                lambda k, g: torch.zeros(k, dtype=torch.long),
+                lambda k, g: torch.zeros(k, 6, dtype=torch.long)):  # no free position: backward() failed
+        with pytest.raises(ValueError, match=r"prompt_fn returned .*expected \[4, Lp\] with Lp < length = 6"):
             sepo.SEPO(model, graph, noise, count_threes, 6, small_cfg(), prompt_fn=bad).step()
 
 
