@@ -526,6 +526,13 @@ def test_config_must_describe_the_weights(tmp_path: Path) -> None:
     write_lightning_mdlm(tmp_path / "pretrained.ckpt", tiny_cnn(16, 1), drakes_config(32, 1))
     with pytest.raises(CheckpointError, match=r"config's model\.hidden_dim is 32, but the weights have 16"):
         load_drakes_mdlm(tmp_path / "pretrained.ckpt")
+    others = {"diffusion": "uniform", "parameterization": "sedd", "noise": {"type": "geometric"}}
+    for name, value in others.items():
+        write_lightning_mdlm(tmp_path / "other.ckpt", tiny_cnn(16, 1), {**drakes_config(16, 1), name: value})
+        stated = value["type"] if isinstance(value, dict) else value
+        message = rf"other\.ckpt: the config's {name}(\.type)? is '{stated}', not DRAKES's"
+        with pytest.raises(CheckpointError, match=message):
+            load_drakes_mdlm(tmp_path / "other.ckpt")
 
 
 def test_truncated_and_non_checkpoint_files(release: dict[str, Path], tmp_path: Path) -> None:
@@ -572,6 +579,31 @@ def test_grelu_errors(tmp_path: Path) -> None:
         load_grelu_oracle(save(tmp_path, {"model.head.weight": torch.ones(1)}, "plain.ckpt"))
     with pytest.raises(ValueError, match=r"ids must be 0\.\.3 \(A, C, G, T\), found 0\.\.4"):
         load_grelu_oracle(paths["ft_oracle"])(torch.tensor([[0, 4]]))
+
+
+def test_an_oracle_given_for_the_wrong_role_is_refused(tmp_path: Path) -> None:
+    """The reward and Pred-Activity read column 0 of a regression oracle as HepG2; ATAC-Acc reads a binary
+    classifier's probabilities. A release file given for another role fails before any work."""
+    from models.drakes import load_release_networks
+    paths = write_drakes_release(tmp_path, finetuned=False, zero_alpha=False)
+    release = {name: str(paths[name]) for name in ("pretrained", "ft_oracle", "eval_oracle", "atac")}
+    assert set(load_release_networks(release)) == {"pretrained", "ft_oracle", "eval_oracle", "atac"}
+    wrong_kind = (r"reward_oracle_ft\.ckpt: given as atac \(the ATAC .*\), but it is a regression "
+                  r"model, not binary")
+    with pytest.raises(CheckpointError, match=wrong_kind):
+        load_release_networks({**release, "atac": release["ft_oracle"]})
+    wrong_kind = (r"binary_atac_cell_lines\.ckpt: given as eval_oracle .* but it is a binary model, "
+                  r"not regression")
+    with pytest.raises(CheckpointError, match=wrong_kind):
+        load_release_networks({**release, "eval_oracle": release["atac"]})
+    swapped = tmp_path / "swapped.ckpt"
+    write_grelu_checkpoint(swapped, tiny_oracle(3, 5), "regression", ["k562", "hepg2", "sknsh"], "1.0.2")
+    not_hepg2 = r"swapped\.ckpt: given as ft_oracle .* column 0 is read as HepG2, but its tasks are \['k562'"
+    with pytest.raises(CheckpointError, match=not_hepg2):
+        load_release_networks({**release, "ft_oracle": str(swapped)})
+    unnamed = tmp_path / "unnamed.ckpt"
+    write_grelu_checkpoint(unnamed, tiny_oracle(3, 5), "regression", None, "1.0.2")
+    assert load_release_networks({"ft_oracle": str(unnamed)})["ft_oracle"].task_names is None
 
 
 def test_load_strict_lists_every_problem() -> None:

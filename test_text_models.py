@@ -511,3 +511,21 @@ def test_generative_perplexity_re_encodes_for_another_tokenizer(tmp_path, vendor
         scored = torch.tensor([[len(p) <= j for j in range(len(p) + len(r))]])
         want.append(hand_ppl(lm.model, torch.tensor([p + r]), scored))
     torch.testing.assert_close(per, torch.cat(want), rtol=1e-5, atol=0)
+
+
+def test_scorers_of_samples_ignore_a_callers_bf16_autocast(causal_lm):
+    """train_text.py evaluates under bf16 autocast with --amp bf16 (the --sedd presets on CUDA); the
+    generative perplexity's LM and the reward models, judge included (TextReward), run in full precision all
+    the same, as SEDD's judge does. Before, they ran in bf16 there."""
+    from models.text import TextReward
+    ids = torch.randint(0, D.EOT, (4, 40), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    rm = G.RewardModel(D.GPT2_VOCAB, 40, 32, 1, 2, D.EOT).eval()
+    judge = TextReward(rm, 24)
+    scorers = {"generative_perplexity": lambda: G.generative_perplexity(causal_lm, ids, prompt_len=24)[1],
+               "TextReward.score": lambda: judge.score(ids), "RewardModel.reward": lambda: rm.reward(ids)}
+    for name, score in scorers.items():
+        fp32 = score()
+        with torch.autocast("cpu", torch.bfloat16):
+            under = score()
+        assert under.dtype == fp32.dtype and torch.equal(under, fp32), name

@@ -534,6 +534,90 @@ def test_bad_settings_fail_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_enformer_shape_flags_fail_before_any_work(tmp_path):
+    """--oracle-dim / --oracle-heads / --oracle-downsamples that EnformerOracle refuses: before, an error
+    only after pre-training; now at parse time, naming the flags."""
+    for bad in (["--oracle-dim", "50"], ["--oracle-dim", "48", "--oracle-heads", "3"],
+                ["--oracle-downsamples", "2"]):
+        message = r"--oracle-dim, --oracle-heads, --oracle-downsamples: Enformer needs dim a multiple of 6 \*"
+        with pytest.raises(ValueError, match=message):
+            T.parse_args(bad)
+    good = T.parse_args(["--oracle-dim", "36", "--oracle-heads", "3", "--oracle-downsamples", "3"])
+    assert (good.oracle_dim, good.oracle_heads, good.oracle_downsamples) == (36, 3, 3)
+    with pytest.raises(ValueError, match="Enformer needs"):
+        T.main(["--oracle-dim", "50", "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
+
+
+def test_settings_under_which_sepo_learns_nothing_fail_before_any_work(tmp_path):
+    """--group 1 under GRPO (every advantage 0) and --lr 0 ran SEPO as a silent no-op; now errors from
+    train_common.sepo_settings, which main calls before any work."""
+    with pytest.raises(ValueError, match=r"--group 1: under GRPO every advantage is 0"):
+        T.sepo_config(T.parse_args(["--group", "1"]), 0)
+    with pytest.raises(ValueError, match="--lr 0: SEPO would not change the model"):
+        T.sepo_config(T.parse_args(["--lr", "0"]), 0)
+    for bad, msg in ((["--group", "1"], "--group 1"), (["--lr", "0"], "--lr 0"),
+                     (["--drakes", "DIR", "--group", "1"], "--group 1")):
+        with pytest.raises(ValueError, match=msg):
+            T.main([*bad, "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
+    assert T.sepo_config(T.parse_args(["--group", "2", "--lr", "1e-6"]), 0).group_size == 2
+
+
+def test_flags_the_run_does_not_read_are_errors():
+    """Before, --reward-oracle eval without --drakes was ignored and results.json recorded it; the default
+    run's own flags were ignored under --drakes. Now either is an error naming the flags."""
+    with pytest.raises(ValueError, match=r"^--reward-oracle: the DRAKES run's \(--drakes\), not read by"):
+        T.parse_args(["--reward-oracle", "eval"])
+    with pytest.raises(ValueError, match=r"^--atac-column, --eval-steps: the DRAKES run's"):
+        T.parse_args(["--atac-column", "0", "--eval-steps", "4"])
+    with pytest.raises(ValueError, match=r"^--hidden, --oracle-lr, --bon-max: the default run's, not read by "
+                                         r"the DRAKES run \(--drakes\)"):
+        T.parse_args(["--drakes", "DIR", "--hidden", "64", "--oracle-lr", "0.1", "--bon-max", "4"])
+    with pytest.raises(ValueError, match=r"^--test-chrom: the default run's"):
+        T.parse_args(["--drakes-pretrained", "p.ckpt", "--test-chrom", "chr3"])
+    drakes = T.parse_args(["--drakes", "DIR", "--reward-oracle", "eval", "--atac-column", "0",
+                           "--eval-steps", "4"])
+    assert (drakes.reward_oracle, drakes.atac_column, drakes.eval_steps) == ("eval", 0, 4)
+    assert T.parse_args(["--hidden", "64", "--bon-max", "4"]).hidden == 64
+
+
+def test_corrector_steps_that_would_share_the_evaluations_stream_are_refused():
+    """SEPO with GF seeds stream_seed + 30 + --corrector-steps: 70 would be the Pre-trained row's + 100."""
+    with pytest.raises(ValueError, match=r"--corrector-steps must be < 70, got 70"):
+        T.parse_args(["--corrector-steps", "70"])
+    cfg = T.parse_args(["--corrector-steps", "69"])
+    assert T.sepo_config(cfg, cfg.corrector_steps).seed == cfg.stream_seed + 99
+
+
+@pytest.mark.slow
+def test_data_path_spelling_resumes_a_run_and_the_hint_keeps_the_docs_figure(tmp_path, toy_data, monkeypatch,
+                                                                             capsys):
+    """The checkpoints are keyed on the data file's hash, not the path as typed: the same file given relative
+    then absolute resumes from every cache, another file is refused. The closing hint writes the trade-off
+    figure into the run's folder, not over the committed docs/dna_tradeoff.png."""
+    import subprocess
+    import sys
+    shutil.copy(toy_data, tmp_path / "toy.tsv.gz")
+    monkeypatch.chdir(tmp_path)
+    flags = ["--out", "run", *TOY, "--iters", "1", "--corrector-steps", "0"]
+    T.main(["--data", "toy.tsv.gz", *flags])
+    hint = capsys.readouterr().out.splitlines()[-1]
+    T.main(["--data", str(tmp_path / "toy.tsv.gz"), *flags])
+    log = capsys.readouterr().out
+    assert "[pretrain] cached" in log and "[access] cached" in log and "[sepo] cached" in log
+    write_encode(tmp_path / "other.tsv.gz", toy_rows())
+    with pytest.raises(ValueError, match=r"pretrain.pt was made with other settings \{'data_sha256'"):
+        T.main(["--data", "other.tsv.gz", *flags])
+    assert hint == "[done] trade-off figure: python docs/dna_tradeoff.py run --out run/tradeoff.png"
+    docs = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs")
+    before = os.stat(os.path.join(docs, "dna_tradeoff.png")).st_mtime_ns
+    command = hint.split(": ", 1)[1].split()
+    subprocess.run([sys.executable, os.path.join(docs, "dna_tradeoff.py"), *command[2:]], check=True)
+    assert os.path.getsize(tmp_path / "run" / "tradeoff.png") > 1000
+    assert os.stat(os.path.join(docs, "dna_tradeoff.png")).st_mtime_ns == before
+
+
 def test_the_drivers_shared_evaluation_helpers():
     """train_common's best-of-N pieces and table, which both drivers' tables rest on."""
     import train_common as C

@@ -636,6 +636,8 @@ def test_a_sedd_run_trains_our_reward_model_and_its_checkpoint_reproduces_the_ru
     (["--reward-model", "nobody/no-such-reward-model"], ValueError, "offline, download the model first"),
     (["--reward-model", "{tmp}/garbage.pt"], ValueError, r"not a checkpoint torch.load\(weights_only=True\)"),
     (["--reward-model", "{tmp}/bpe_rm.pt"], ValueError, "ids of train_text.py's BPE, not over GPT-2's 50257"),
+    (["--reward-model", "{tmp}/short_rm.pt"], ValueError,
+     r"short_rm.pt: our reward model has 28 positions, fewer than --prompt-len \+ --response-len = 32"),
     (["--reward-model", "{minchatgpt}"], ValueError, "holds LoRA weights: pass lora_merges"),
     (["--reward-model", "{transformers}", "--judge", "{transformers}"], ValueError, "a judge must be"),
     (["--sedd", "random:small"], ValueError, r"random weights only time an iteration \(--bench\)"),
@@ -646,6 +648,7 @@ def test_a_wrong_sedd_path_file_is_a_clear_error_before_any_work(tmp_path, monke
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     (tmp_path / "garbage.pt").write_bytes(b"not a torch file")
     write_sepo_reward_model(str(tmp_path / "bpe_rm.pt"))  # the default run's reward model: 300 BPE ids
+    write_sepo_reward_model(str(tmp_path / "short_rm.pt"), vocab=D.GPT2_VOCAB)  # 28 positions < 24 + 8
     flags = [f.format(tmp=tmp_path, **sedd_files) for f in flags]
     argv = ["--sedd", sedd_files["sedd"], *TINY_SEDD, "--out", str(tmp_path / "out"), *flags]
     with pytest.raises(error, match=message):
@@ -766,3 +769,64 @@ def test_sepo_never_reads_sedds_outputs_at_clean_positions(sedd_files, grad, rat
     assert s0 == s1 and s0[1]["kl"] > 0  # the policy moved, identically
     assert all(torch.equal(w0[k], w1[k]) for k in w0) and torch.equal(e0, e1)
     assert s2[0] != s0[0] and not torch.equal(e2, e0)
+
+
+def test_sedd_policy_pairs_are_read_up_to_the_first_eot():
+    """--sedd --policy-pairs: the judge labels a sample's text up to its first EOT and TextReward reads it
+    so (end_at_eot); the reward model trains on the same rows. Before, it trained on the tokens after the
+    first EOT too ("good text EOT bad text")."""
+    P, R = 8, 12
+    cfg = T.parse_args(["--sedd", "d", "--prompt-len", str(P), "--response-len", str(R),
+                        "--policy-pairs", "1"])
+    prompt = torch.tensor([[D.EOT] * (P - 3) + D.gpt2_encode("Hi there:")[:3]])
+
+    def row(before, after):
+        ids = (D.gpt2_encode(" " + before) + [D.EOT] + D.gpt2_encode(" " + after) + [D.EOT] * R)[:R]
+        return torch.cat([prompt[0], torch.tensor(ids)])
+    raw = torch.stack([row("Thank you, glad to help", "you are an idiot"), row("No", "thank you so much")])
+    data = D.TextData(D.gpt2_tokenizer(), None, None, [], None, None, None, gpt2=True)
+    fake = lambda cfg, model, graph, noise, prompts, seed: raw.clone()
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(T, "generate", fake)
+        chosen, rejected = T.policy_pairs(cfg, data, None, None, None, prompt, 0)
+    assert torch.equal(chosen, end_at_eot(raw[:1], P)) and torch.equal(rejected, end_at_eot(raw[1:], P))
+    assert not torch.equal(chosen, raw[:1])  # the raw row holds text after its first EOT
+
+
+def test_flags_the_run_would_not_read_are_errors_before_any_work():
+    for flags, message in ((["--rm-d-model", "30"], "--rm-d-model 30 must be divisible by --rm-heads 4"),
+                           (["--d-model", "34"], "--d-model 34 must be divisible by --n-heads 4")):
+        with pytest.raises(ValueError, match=message):
+            T.parse_args(flags)
+    # --sedd fine-tunes SEDD: the default run's LM flags were ignored, yet written into results.json
+    for flag, value in (("--graph", "uniform"), ("--vocab", "300"), ("--d-model", "64"), ("--n-layers", "2"),
+                        ("--n-heads", "2"), ("--pretrain-steps", "5")):
+        with pytest.raises(ValueError, match=f"{flag} is the default run's own LM: --sedd fine-tunes SEDD"):
+            T.parse_args(["--sedd", "d", flag, value])
+    assert T.parse_args(["--sedd", "d", "--preset", "paper"]).graph == "masked"  # not given: no error
+    assert T.parse_args(["--graph", "uniform", "--vocab", "300"]).vocab == 300  # without --sedd: read
+
+
+def test_a_resume_knows_the_data_file_by_its_hash_not_by_how_its_path_is_spelt(tmp_path, monkeypatch, capsys):
+    """The same --data as an absolute and as a relative path resumes (before: refused, 'other settings');
+    another file is still refused."""
+    path = write_pairs(tmp_path)
+    (tmp_path / "other").mkdir()
+    other = write_pairs(tmp_path / "other", n=41)
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args):
+        raise Stop
+    monkeypatch.setattr(T, "train_reward_model", stop)  # the pre-training stage is enough
+    monkeypatch.chdir(tmp_path)
+    run = lambda data: T.main([*TINY_SIZES, "--data", data, "--out", str(tmp_path / "run")])
+    with pytest.raises(Stop):
+        run(path)
+    capsys.readouterr()
+    with pytest.raises(Stop):
+        run("hh.jsonl")
+    assert "[pretrain] cached" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="other settings"):
+        run(other)

@@ -15,7 +15,6 @@ import math
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -43,8 +42,8 @@ def parse_config(config_cls, presets: dict | Callable[[dict], dict], positive: t
     NaN). -> (config, flags given)."""
     p = argparse.ArgumentParser(description=description)
     for f in dataclasses.fields(config_cls):
-        if f.type == "bool":
-            kind = dict(action="store_true", default=None)
+        if f.type == "bool":  # --x and --no-x: an explicit flag wins over a preset's True as over its False
+            kind = dict(action=argparse.BooleanOptionalAction, default=None)
         else:
             kind = dict(type=(types or {}).get(f.name, type(f.default)), choices=f.metadata["choices"])
         flag_help = f"{f.metadata['help']} (default: {f.default!r})"
@@ -90,13 +89,18 @@ def rank0_first(stage: Callable, *args):
 
 
 def save_atomic(obj, path: str) -> None:
-    """Text or torch.save to a temporary file, then os.replace: a crash never leaves a half-written file."""
+    """Text (UTF-8) or torch.save to a temporary file, synced to disk, then os.replace: a crash never leaves a
+    half-written file."""
     if RANK:  # rank 0 alone writes: the ranks hold the same models, and a SEPO state every rank's streams
         return
-    if isinstance(obj, str):
-        Path(f"{path}.tmp").write_text(obj)
-    else:
-        torch.save(obj, f"{path}.tmp")
+    mode = dict(mode="w", encoding="utf-8") if isinstance(obj, str) else dict(mode="wb")  # not the locale's
+    with open(f"{path}.tmp", **mode) as f:
+        if isinstance(obj, str):
+            f.write(obj)
+        else:
+            torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename: a crash leaves the old file or the new, whole
     os.replace(f"{path}.tmp", path)
 
 
@@ -127,7 +131,23 @@ def sepo_settings(cfg, **own) -> sepo.SEPOConfig:
                   steps=cfg.steps, pl_positions=cfg.pl_positions, path_steps=cfg.path_steps or None,
                   micro_batch=cfg.micro_batch or None, grad=None if cfg.grad == "auto" else cfg.grad,
                   ratio=None if cfg.ratio == "auto" else cfg.ratio)
-    return sepo.SEPOConfig(**shared, **own)
+    config = sepo.SEPOConfig(**shared, **own)
+    refuse_no_op(cfg, config)
+    return config
+
+
+def refuse_no_op(cfg, config: sepo.SEPOConfig) -> None:
+    """Settings under which SEPO would run and train nothing: every advantage 0 (one sample per group under
+    GRPO or the group baseline, one sample in all under the batch baseline), or a learning rate of 0."""
+    if cfg.lr == 0:
+        raise ValueError("--lr 0: SEPO would not change the model; give a learning rate > 0")
+    if cfg.group == 1 and (config.advantage == "grpo" or config.baseline == "group"):
+        what = "GRPO" if config.advantage == "grpo" else "--baseline group"
+        raise ValueError(f"--group 1: under {what} every advantage is 0 (a group of one sample is its own "
+                         f"mean), so SEPO would learn nothing; use --group >= 2")
+    if cfg.batch * cfg.group == 1 and config.advantage == "ppo" and config.baseline == "batch":
+        raise ValueError("--batch 1 --group 1: the batch baseline is the one sample's reward, every "
+                         "advantage 0; use more samples")
 
 
 def train_loop(name: str, model: nn.Module, loss_fn: Callable[[Tensor, torch.Generator], Tensor], n: int,

@@ -51,7 +51,7 @@ class Config:
                       ("cpu", "gpu", "paper"))
     data: str = arg("", "'' = the vendored ENCODE DHS file; .csv(.gz) = a Gosai table seq,hepg2,k562,sknsh")
     out: str = arg("runs/dna", "output folder: cached stages, checkpoints, table, plots, samples")
-    seed: int = arg(0, "stage k draws from seed 1000 * seed + k: reproducible, no stream shared by seeds")
+    seed: int = arg(0, "streams seeded 1000 * seed + offsets < 1000: reproducible, no stream shared by seeds")
     device: str = arg("auto", "auto (cuda if available), cpu or cuda")
     threads: int = arg(0, "torch CPU threads (0: torch's default)")
     bench: bool = arg(False, "only time one SEPO iteration (plain and with the corrector), untrained models")
@@ -84,7 +84,7 @@ class Config:
     kl_steps: int = arg(16, "the path KL covers the last kl_steps sampler steps (capped at --steps)")
     snis: int = arg(2, "M latent paths per sample (SNIS ratio, --grad path)")
     steps: int = arg(16, "sampler steps (rollouts; evaluation but --drakes's, which takes --eval-steps)")
-    corrector_steps: int = arg(1, "corrector steps per sampler step of 'SEPO with GF' (0: no such run)")
+    corrector_steps: int = arg(1, "corrector steps per sampler step of 'SEPO with GF' (0: no such run; < 70)")
     pl_positions: int = arg(32, "--grad pl: masked positions per sample")
     grad: str = arg("pl", "grad log pi estimator (pl: the paper's; auto: sepo's choice for the graph; "
                           "docs/math.md §3-4)", ("auto", "pl", "path", "rollout"))
@@ -113,7 +113,7 @@ class Config:
     eval_steps: int = arg(128, "--drakes: steps of DRAKES's evaluation sampler and of App-Log-Lik")
 
     @property
-    def stream_seed(self) -> int:  # stage k draws from stream_seed + k, k < 1000: two seeds share no stream
+    def stream_seed(self) -> int:  # streams seeded stream_seed + k, k < 1000: two seeds share no stream
         return 1000 * self.seed
 
     @property
@@ -156,12 +156,26 @@ def presets_for(given: dict) -> dict:
     return DRAKES_PRESETS if release else PRESETS
 
 
+DRAKES_ONLY = ("reward_oracle", "atac_column", "eval_steps")  # the flags the default run does not read
+
+
 def parse_args(argv: Optional[list[str]] = None) -> Config:
-    """Flags from the Config fields (train_common.parse_config); the DRAKES run has presets of its own."""
+    """Flags from the Config fields (train_common.parse_config); the DRAKES run has presets of its own. A flag
+    the run does not read, or a setting a later stage would refuse, is an error now."""
     about, types = __doc__.split("\n\n")[0], {"test_chrom": chrom_name, "val_chrom": chrom_name}
     cfg, given = parse_config(Config, presets_for, POSITIVE, argv, about, types)
     if cfg.release and "data" in given:
         raise ValueError("--data is the default run's table; the DRAKES run reads --drakes-data")
+    own = ("test_chrom", "val_chrom", *PRETRAIN_KEYS, *ORACLE_KEYS, "access_epochs", "bon_max", "elbo_t")
+    others = own if cfg.release else DRAKES_ONLY
+    unread = ", ".join("--" + f.replace("_", "-") for f in others if f in given)
+    if unread:
+        raise ValueError(f"{unread}: the default run's, not read by the DRAKES run (--drakes)" if cfg.release
+                         else f"{unread}: the DRAKES run's (--drakes), not read by the default run")
+    flags = "--oracle-dim, --oracle-heads, --oracle-downsamples"  # refused now, not after pre-training
+    EnformerOracle.check(cfg.oracle_dim, cfg.oracle_heads, cfg.oracle_downsamples, flags)
+    if cfg.corrector_steps >= 70:  # SEPO with GF seeds stream_seed + 30 + it: below the evaluation's + 100
+        raise ValueError(f"--corrector-steps must be < 70, got {cfg.corrector_steps} (its random stream)")
     return cfg
 
 
@@ -173,8 +187,9 @@ ACCESS_KEYS = ("access_epochs", "oracle_batch", "oracle_lr")
 
 
 def keys(cfg: Config, data: DnaData, *names: str) -> dict:
-    """A stage's settings, the base of its random streams and the data file's hash: none changes unnoticed."""
-    names = ("data", "seed", "test_chrom", "val_chrom", *names)
+    """A stage's settings, the base of its random streams and the data file's hash (not --data: a file is the
+    same data however its path is spelled): none changes unnoticed."""
+    names = ("seed", "test_chrom", "val_chrom", *names)
     return {"data_sha256": data.sha256, "stream_seed": cfg.stream_seed, **{n: getattr(cfg, n) for n in names}}
 
 
@@ -316,7 +331,7 @@ def report(cfg: Config, results: dict, bon: list, runs: dict, oracles: dict, sta
     history = {name: {"history": h, "probes": p} for name, (_, _, h, p) in runs.items()}
     saved = {"rows": results, "best_of_n": bon, "oracles": oracles, "stage_seconds": stamps, "runs": history}
     write_results(cfg, "results", results, cols, ["", note], saved)
-    print(f"[done] trade-off figure: python docs/dna_tradeoff.py {cfg.out}")
+    print(f"[done] trade-off figure: python docs/dna_tradeoff.py {cfg.out} --out {cfg.out}/tradeoff.png")
 
 
 # ---------------------------------------------------------------------------- --drakes: the DRAKES release

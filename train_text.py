@@ -47,7 +47,7 @@ class Config:
     data: str = arg("", "HH-RLHF file (.jsonl[.gz]) or folder; '' = data/chatterbot_hh.jsonl.gz (--sedd: "
                         "data/hh_rlhf_harmless_base_test.jsonl.gz)")
     out: str = arg("runs/text", "output folder: cached stages, checkpoints, table, plots, examples")
-    seed: int = arg(0, "stage k draws from seed 1000 * seed + k: reproducible runs, seeds share no stream")
+    seed: int = arg(0, "streams seeded 1000 * seed + offsets < 1000: reproducible, no stream shared by seeds")
     device: str = arg("auto", "auto (cuda if available), cpu or cuda")
     threads: int = arg(0, "torch CPU threads (0: torch's default)")
     bench: bool = arg(False, "only time one SEPO iteration with untrained models and exit")
@@ -124,7 +124,7 @@ class Config:
                           "2, 4, ... and bon_max (0: none)")
 
     @property
-    def stream_seed(self) -> int:  # stage k draws from stream_seed + k, k < 1000: two seeds share no stream
+    def stream_seed(self) -> int:  # streams seeded stream_seed + k, k < 1000: two seeds share no stream
         return 1000 * self.seed
 
 
@@ -158,6 +158,8 @@ POSITIVE = ("vocab", "prompt_len", "response_len", "d_model", "n_layers", "n_hea
             "eval_batch")
 SEDD_ONLY = ("reward_model", "lora_merges", "reward_heads", "judge", "judge_lora_merges", "judge_heads",
              "ppl_model", "checkpointing")
+LM_ONLY = ("graph", "vocab", "d_model", "n_layers", "n_heads", "pretrain_steps", "pretrain_batch",
+           "pretrain_lr")  # the default run's LM: not read with --sedd
 
 
 def parse_args(argv: Optional[list[str]] = None) -> Config:
@@ -170,6 +172,13 @@ def parse_args(argv: Optional[list[str]] = None) -> Config:
     needs = [f for f in SEDD_ONLY if getattr(cfg, f)] + ["long_prompts"] * (cfg.long_prompts == "truncate")
     if needs and not cfg.sedd:
         raise ValueError(f"--{needs[0].replace('_', '-')} is for the SEDD path (GPT-2 ids): add --sedd")
+    own = [f for f in LM_ONLY if f in given]  # explicit flags only: a preset may set them
+    if own and cfg.sedd:
+        raise ValueError(f"--{own[0].replace('_', '-')} is the default run's own LM: --sedd fine-tunes SEDD")
+    for width, heads in (("rm_d_model", "rm_heads"), ("d_model", "n_heads")):
+        if getattr(cfg, width) % getattr(cfg, heads):
+            raise ValueError(f"--{width.replace('_', '-')} {getattr(cfg, width)} must be divisible by "
+                             f"--{heads.replace('_', '-')} {getattr(cfg, heads)}")
     if cfg.sedd.startswith("random:") and not cfg.bench:
         raise ValueError(f"--sedd {cfg.sedd}: random weights only time an iteration (--bench)")
     return cfg
@@ -183,17 +192,17 @@ def sepo_config(cfg: Config, amp: str) -> sepo.SEPOConfig:
 
 
 # ---------------------------------------------------------------------------- stages: cached, resumable
-LM_KEYS = ("data", "seed", "max_pairs", "vocab", "prompt_len", "response_len", "graph", "d_model", "n_layers",
+LM_KEYS = ("seed", "max_pairs", "vocab", "prompt_len", "response_len", "graph", "d_model", "n_layers",
            "n_heads", "pretrain_steps", "pretrain_batch", "pretrain_lr")
-SEDD_KEYS = ("data", "seed", "max_pairs", "prompt_len", "response_len", "long_prompts")  # + the weights' hash
+SEDD_KEYS = ("seed", "max_pairs", "prompt_len", "response_len", "long_prompts")  # + the weights' hash
 RM_ONLY = ("rm_d_model", "rm_layers", "rm_heads", "rm_epochs", "rm_batch", "rm_lr", "policy_pairs", "steps",
            "corrector_steps")
 MODEL_HASHES = ("sedd_sha256", "reward_sha256")  # --sedd: the weights loaded, in data.info
 
 
 def keys(cfg: Config, data: TextData, rm: bool = True) -> dict:
-    """A stage's settings, the base of its random streams, the hashes of the data file, the tokenizer and
-    (--sedd) the weights loaded: none changes unnoticed."""
+    """A stage's settings, the base of its random streams, the hashes of the data file (not its path: one file
+    however spelt), the tokenizer and (--sedd) the weights loaded: none changes unnoticed."""
     names = (SEDD_KEYS if cfg.sedd else LM_KEYS) + (RM_ONLY if rm else ())
     return {**{n: getattr(cfg, n) for n in names}, "data_sha256": data.info["sha256"],
             "tokenizer_sha256": data.info["tokenizer_sha256"], "stream_seed": cfg.stream_seed,
@@ -225,8 +234,9 @@ def policy_pairs(cfg: Config, data: TextData, graph, noise, pre: nn.Module, prom
     """(chosen, rejected) [N, L]: --policy-pairs pairs of pre-trained LM responses per prompt, ordered by the
     gold judge (the stand-in labeller), near-ties (< 0.05) dropped. Trained on real replies only, a reward
     model scores model samples by features the judge ignores, and SEPO climbs those; labelled samples put it
-    on SEPO's start."""
+    on SEPO's start. --sedd: each row up to its first EOT, as the judge labels it and the reward reads it."""
     x = generate(cfg, pre, graph, noise, prompts.repeat_interleave(2 * cfg.policy_pairs, 0), seed).cpu()
+    x = end_at_eot(x, cfg.prompt_len) if cfg.sedd else x
     return gold_labelled_pairs(x, data.response_texts(x[:, cfg.prompt_len:]))
 
 
@@ -406,7 +416,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if RANK:  # the evaluation and the report are rank 0's
         return {}
     bf16 = torch.autocast(device.type, torch.bfloat16) if amp == "bf16" else contextlib.nullcontext()
-    with bf16:  # the evaluation's passes in the precision of the rollouts
+    with bf16:  # sampling and ELBO in the rollouts' precision; the scorers turn it off (models/text.py)
         judge, lm = to_device(nets, device)
         rows, curve, examples, samples = evaluate(cfg, data, graph, noise, pre, ft, rm, judge, lm)
     save_atomic(samples, os.path.join(cfg.out, f"samples_steps{cfg.steps}.pt"))

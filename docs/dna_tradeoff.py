@@ -1,8 +1,9 @@
-"""The DNA trade-off figure from a finished train_dna.py run: docs/dna_tradeoff.png.
+"""The DNA trade-off figure from a finished train_dna.py run: RUN/tradeoff.png, or --out.
 
     python train_dna.py                          # writes runs/dna/results.json
-    python docs/dna_tradeoff.py runs/dna         # -> docs/dna_tradeoff.png
+    python docs/dna_tradeoff.py runs/dna         # -> runs/dna/tradeoff.png
     python docs/dna_tradeoff.py runs/dna runs/dna_kl0.05 ...   # and other runs' final SEPO rows, as points
+    python docs/dna_tradeoff.py runs/dna [KL-study runs ...] --out docs/dna_tradeoff.png   # docs/dna.md's
 
 Left: each SEPO run's mean reward (fine-tuning oracle) and path KL per iteration. Middle and right: the
 evaluation oracle's Pred-Activity against 3-mer correlation and against ATAC-Acc for each run's checkpoints
@@ -11,9 +12,9 @@ the fine-tuning oracle), the pre-trained model and the held-out data. Up and to 
 runs (other KL weights or estimators, from the same pre-trained models) add their final SEPO row as a labelled
 point.
 """
+import argparse
 import json
 import os
-import sys
 
 import matplotlib
 
@@ -27,7 +28,7 @@ def load(run: str) -> dict:
 
 
 def main(run: str, *more: str, out: str = "") -> None:
-    out = out or os.path.join(os.path.dirname(__file__), "dna_tradeoff.png")
+    out = out or os.path.join(run, "tradeoff.png")  # never the committed docs/dna_tradeoff.png unless asked
     r = load(run)
     points = []  # (label, final SEPO row) of the further runs
     for c, row in ((m["config"], m["rows"]["SEPO"]) for m in map(load, more)):
@@ -61,6 +62,8 @@ def main(run: str, *more: str, out: str = "") -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        raise SystemExit("usage: python docs/dna_tradeoff.py RUN_FOLDER [FURTHER_RUN_FOLDER ...]")
-    main(*sys.argv[1:])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", help="the run's folder, then further runs' (their final SEPO rows)")
+    p.add_argument("--out", default="", help="the figure (default: tradeoff.png in the first run's folder)")
+    args = p.parse_args()
+    main(*args.runs, out=args.out)

@@ -50,12 +50,17 @@ class EnformerOracle(nn.Module):
     """Enformer trunk (enformer-pytorch, random init, small dims, no hub weights) + mean pooling + a linear
     head."""
 
+    @staticmethod
+    def check(dim: int, heads: int, downsamples: int, given_as: str = "EnformerOracle") -> None:
+        """enformer-pytorch's rules for these sizes, checked before anything is built."""
+        if (dim // heads) % 6 or dim % heads or downsamples < 3:
+            raise ValueError(f"{given_as}: Enformer needs dim a multiple of 6 * heads, downsamples >= 3: "
+                             f"{dim=} {heads=} {downsamples=}")
+
     def __init__(self, n_out: int, dim: int = 48, depth: int = 1, heads: int = 2, downsamples: int = 4):
         super().__init__()
         from enformer_pytorch import Enformer  # imported here: it imports transformers (seconds)
-        if (dim // heads) % 6 or dim % heads or downsamples < 3:
-            raise ValueError(f"Enformer needs dim // heads a multiple of 6, >= 3 downsamples: "
-                             f"{dim=} {heads=} {downsamples=}")
+        self.check(dim, heads, downsamples)
         key = max(dim // heads, 8)
         self.trunk = Enformer.from_hparams(dim=dim, depth=depth, heads=heads, attn_dim_key=key,
                                            num_downsamples=downsamples, dim_divisible_by=dim // 4,

@@ -11,8 +11,9 @@ oracle's predicted HepG2 activity.
                       sepo.Masked(4) reads the first four columns and ignores the MASK column.
   load_drakes_mdlm    mdlm/outputs_gosai/pretrained.ckpt (a Lightning checkpoint), and the plain state
                       dicts of DRAKES's fine-tuned models (finetuned.ckpt, zero_alpha.ckpt) or of a CNNModel.
-  load_release_networks, describe, release_shaped: the release's networks loaded together, described in
-                      a line each, and random weights of their shapes (train_dna.py --drakes, --bench)
+  load_release_networks, describe, release_shaped: the release's networks loaded together (each oracle
+                      checked for its role: check_roles), described in a line each, and random weights of
+                      their shapes (train_dna.py --drakes, --bench)
   load_release, bench_networks: what a --drakes run loads before any work (networks, DRAKES's scorer), and
                       what its --bench times
   load_grelu_oracle   a gReLU LightningModel checkpoint of an Enformer network (models/grelu.py): DRAKES's
@@ -44,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from data.drakes import DrakesScorer, find_release, load_reference
+from data.drakes import HEPG2, RELEASE, DrakesScorer, find_release, load_reference
 from .safe_load import CheckpointError, load_checkpoint, load_strict, to_plain
 
 BASES = "ACGT"
@@ -178,6 +179,10 @@ def _lightning_info(ckpt: Mapping) -> dict:
             "global_step": ckpt.get("global_step")}
 
 
+# DRAKES's MDLM setup, the one sepo.Masked and sepo.LogLinear sample: a file of another setup is refused
+DRAKES_SETUP = {"diffusion": "absorbing_state", "parameterization": "subs", "noise.type": "loglinear"}
+
+
 def _check_config(config: Any, hidden: int, stacks: int, source: str) -> None:
     """The Hydra config DRAKES built the network from must describe these weights."""
     if not isinstance(config, Mapping):
@@ -185,6 +190,13 @@ def _check_config(config: Any, hidden: int, stacks: int, source: str) -> None:
     if config.get("time_conditioning") is True:
         raise CheckpointError(f"{source}: the config's time_conditioning is True: DRAKES would feed sigma "
                               "itself to the time path, which CNNModel does not reproduce")
+    noise = config.get("noise") if isinstance(config.get("noise"), Mapping) else {}
+    setup = {"diffusion": config.get("diffusion"), "parameterization": config.get("parameterization"),
+             "noise.type": noise.get("type")}
+    for name, ours in DRAKES_SETUP.items():
+        if setup[name] not in (None, ours):
+            raise CheckpointError(f"{source}: the config's {name} is {setup[name]!r}, not DRAKES's {ours!r} "
+                                  "(MDLM's absorbing SUBS diffusion, which sepo.Masked and LogLinear sample)")
     group = config.get("model") if isinstance(config.get("model"), Mapping) else {}
     for name, found in (("hidden_dim", hidden), ("num_cnn_stacks", stacks)):
         stated = group.get(name)
@@ -383,6 +395,7 @@ def load_grelu_oracle(path: str | os.PathLike, device: str | torch.device = "cpu
 
 DENOISERS = ("pretrained", "drakes", "drakes_zero")  # DRAKES's CNN: pretrained.ckpt, finetuned, zero_alpha
 ORACLES = ("ft_oracle", "eval_oracle", "atac")        # gReLU Enformer checkpoints
+ROLE_TASK = {"ft_oracle": "regression", "eval_oracle": "regression", "atac": "binary"}  # what each role reads
 
 
 def load_release_networks(paths: Mapping[str, str], device: str | torch.device = "cpu"
@@ -392,7 +405,24 @@ def load_release_networks(paths: Mapping[str, str], device: str | torch.device =
     loaded strictly (models/drakes.py), on device, in eval mode."""
     nets = {name: load_drakes_mdlm(paths[name], device) for name in DENOISERS if name in paths}
     nets.update({name: load_grelu_oracle(paths[name], device) for name in ORACLES if name in paths})
+    check_roles(nets, paths)
     return nets
+
+
+def check_roles(nets: Mapping[str, nn.Module], paths: Mapping[str, str]) -> None:
+    """Each oracle is of the kind its role reads: the reward and Pred-Activity read column HEPG2 of a
+    regression oracle, ATAC-Acc thresholds a binary classifier's sigmoid probabilities at 0.5. A file given
+    for another role (the ATAC model as the reward, say) would load and score silently wrong numbers."""
+    for name, task in ROLE_TASK.items():
+        if name not in nets:
+            continue
+        net = nets[name]
+        role = f"{paths[name]}: given as {name} ({RELEASE[name].what})"
+        if net.task != task:
+            raise CheckpointError(f"{role}, but it is a {net.task} model, not {task}")
+        if task == "regression" and net.task_names and "hepg2" not in net.task_names[HEPG2].lower():
+            raise CheckpointError(f"{role}, whose column {HEPG2} is read as HepG2, but its tasks are "
+                                  f"{net.task_names}")
 
 
 def _train_n_seqs(info: dict) -> Optional[int]:

@@ -60,7 +60,9 @@ class RewardModel(nn.Module):
 
     @torch.no_grad()
     def reward(self, x: Tensor, batch: int = 256) -> Tensor:
-        return torch.cat([torch.sigmoid(self(x[i:i + batch])) for i in range(0, len(x), batch)])
+        """sigmoid(score) in fp32 whatever the caller's autocast (train_text.py evaluates under it)."""
+        with torch.autocast(self.head.weight.device.type, enabled=False):
+            return torch.cat([torch.sigmoid(self(x[i:i + batch])) for i in range(0, len(x), batch)])
 
 
 def reward_model_from_state(state: dict, n_heads: int, pad_id: int | None = None,
@@ -471,7 +473,8 @@ def _inputs(lm: CausalLM, ids: Tensor, prompt_len: int, until_eot: bool) -> tupl
 def generative_perplexity(lm: CausalLM | nn.Module, ids: Tensor, batch_size: int = 8, prompt_len: int = 0,
                           until_eot: bool = False) -> tuple[float, Tensor]:
     """SEDD's generative perplexity (Lou et al. 2024, run_train.py) of GPT-2 ids [B, L]: per sample
-    PPL_i = exp(mean over the scored tokens j of CE(logits_{j-1}, s_j)), no BOS added, log-softmax in fp32.
+    PPL_i = exp(mean over the scored tokens j of CE(logits_{j-1}, s_j)), no BOS added, log-softmax in fp32,
+    the LM run in its own precision with any autocast of the caller's turned off (SEDD's judge runs in fp32).
     Returns (the MEAN of the PPL_i, not exp of the mean NLL; the PPL_i [B], float64). Scored: every token
     from position max(1, prompt_len) on, EOTs inside a sample included (SEDD scores the whole 1024-token
     sample); until_eot: nothing after the response's first EOT. A model with GPT-2's vocabulary reads the
@@ -496,7 +499,8 @@ def generative_perplexity(lm: CausalLM | nn.Module, ids: Tensor, batch_size: int
     ppl = []
     for xb, ab, sb in zip(x.split(batch_size), attention.split(batch_size), scored.split(batch_size)):
         xb, mask = xb.to(device), sb[:, 1:].to(device)
-        logits = lm.model(input_ids=xb, attention_mask=ab.to(device)).logits[:, :-1].float()
+        with torch.autocast(device.type, enabled=False):  # the LM's own precision, whatever the caller's
+            logits = lm.model(input_ids=xb, attention_mask=ab.to(device)).logits[:, :-1].float()
         ce = F.cross_entropy(logits.transpose(1, 2), xb[:, 1:], reduction="none").double()  # fp32 log-softmax
         ppl.append(((ce * mask).sum(1) / mask.sum(1)).exp().cpu())
     per_sample = torch.cat(ppl)

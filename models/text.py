@@ -139,9 +139,12 @@ class TextReward(nn.Module):
 
     @torch.no_grad()
     def score(self, x: Tensor) -> Tensor:
+        """In the model's own precision whatever the caller's autocast (train_text.py evaluates under bf16
+        autocast with --amp bf16; a judge, as SEDD's, scores in full precision)."""
         device, back = next(self.model.parameters()).device, x.device
         x = end_at_eot(x, self.prompt_len).to(device)
-        parts = [self.model(x[i:i + self.batch_size]).float() for i in range(0, len(x), self.batch_size)]
+        with torch.autocast(device.type, enabled=False):
+            parts = [self.model(x[i:i + self.batch_size]).float() for i in range(0, len(x), self.batch_size)]
         return torch.cat(parts).to(back)
 
     def reward(self, x: Tensor) -> Tensor:
@@ -182,6 +185,11 @@ def load_networks(cfg, device, amp: str, evaluation: bool = True) -> dict:
             vocab = net.gpt.wte.num_embeddings
             raise ValueError(f"{path}: our reward model over {vocab} ids of train_text.py's BPE, not over "
                              f"GPT-2's {GPT2_VOCAB}: train one with --sedd")
+        length = cfg.prompt_len + cfg.response_len
+        positions = net.gpt.wpe.num_embeddings if getattr(net, "format", "") == "sepo" else length
+        if positions < length:
+            raise ValueError(f"{path}: our reward model has {positions} positions, fewer than --prompt-len + "
+                             f"--response-len = {length}: train one with these lengths")
         out[name] = None if net is None else TextReward(net, cfg.prompt_len)
         out[f"{name}_sha256"] = None if net is None else fingerprint(net)
     if judge and out["judge_sha256"] == out["reward_sha256"]:
