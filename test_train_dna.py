@@ -609,7 +609,7 @@ def test_data_path_spelling_resumes_a_run_and_the_hint_keeps_the_docs_figure(tmp
     write_encode(tmp_path / "other.tsv.gz", toy_rows())
     with pytest.raises(ValueError, match=r"pretrain.pt was made with other settings \{'data_sha256'"):
         T.main(["--data", "other.tsv.gz", *flags])
-    assert hint == "[done] trade-off figure: python docs/dna_tradeoff.py run --out run/tradeoff.png"
+    assert hint == "[done] trade-off figure: python docs/dna_tradeoff.py run"
     docs = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs")
     before = os.stat(os.path.join(docs, "dna_tradeoff.png")).st_mtime_ns
     command = hint.split(": ", 1)[1].split()

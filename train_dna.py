@@ -331,7 +331,7 @@ def report(cfg: Config, results: dict, bon: list, runs: dict, oracles: dict, sta
     history = {name: {"history": h, "probes": p} for name, (_, _, h, p) in runs.items()}
     saved = {"rows": results, "best_of_n": bon, "oracles": oracles, "stage_seconds": stamps, "runs": history}
     write_results(cfg, "results", results, cols, ["", note], saved)
-    print(f"[done] trade-off figure: python docs/dna_tradeoff.py {cfg.out} --out {cfg.out}/tradeoff.png")
+    print(f"[done] trade-off figure: python docs/dna_tradeoff.py {cfg.out}")  # -> {cfg.out}/tradeoff.png
 
 
 # ---------------------------------------------------------------------------- --drakes: the DRAKES release
