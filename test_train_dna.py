@@ -502,6 +502,19 @@ def test_data_row_is_the_top_hepg2_set_of_the_test_chromosome(tmp_path, monkeypa
     assert D.top_hepg2(test, 6).equal(x[8:14].flip(0))
 
 
+def test_a_data_row_shorter_than_n_eval_is_said_in_the_note(tmp_path, capsys):
+    """A small test chromosome has fewer HepG2 DHS than --n-eval (chr21: 134 of 640): the table's note said
+    every row had n_eval samples."""
+    cfg = T.parse_args([*TOY, "--out", str(tmp_path)])
+    cols = ["Pred-Activity", "ATAC-Acc %", "3-mer corr", "JASPAR corr", "App-Log-Lik", "Reward (ft oracle)"]
+    row = dict.fromkeys(cols, 0.0)
+    for n, said in ((6, "6 samples per row, 3 sampler steps"),
+                    (4, "6 samples per row (Data (chr21, HepG2): 4, all there are), 3 sampler steps")):
+        results = {"Pre-trained": {**row, "n": 6}, "Data (chr21, HepG2)": {**row, "n": n}}
+        T.report(cfg, results, [], {}, {"agreement": 0.5}, {"total": 1.0})
+        assert said in capsys.readouterr().out
+
+
 def test_help_documents_every_flag(capsys):
     with pytest.raises(SystemExit):
         T.parse_args(["--help"])

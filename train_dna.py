@@ -301,7 +301,7 @@ def evaluate(cfg: Config, score, pretrained: nn.Module, runs: dict, models: dict
     rows[f"Best-of-{n_match} (ft oracle)"] = best_of(pool, reward, n_match)
     rows[f"Data ({cfg.test_chrom}, HepG2)"] = top_hepg2(test, cfg.n_eval)  # chosen as the reference set is
     save_samples(cfg, rows)
-    results = {name: score(x) for name, x in rows.items()}
+    results = {name: {**score(x), "n": len(x)} for name, x in rows.items()}  # n: the Data row's may be short
     return results, [{"N": n, **score(best_of(pool, reward, n))} for n in bon_sizes(cfg.bon_max)]
 
 
@@ -325,9 +325,12 @@ def report(cfg: Config, results: dict, bon: list, runs: dict, oracles: dict, sta
             else "predicted HepG2 MPRA activity")
     tests = "; ".join(f"{k} {fmt({m: v for m, v in r.items() if m.startswith('test')})}"
                       for k, r in oracles.items() if k != "agreement")
-    note = (f"{cfg.n_eval} samples per row, {cfg.steps} sampler steps, medians (metrics: docs/dna.md); "
-            f"Pred-Activity: the evaluation oracle's {what}. Oracles on {cfg.test_chrom}: {tests}; the two "
-            f"oracles agree at Pearson {oracles['agreement']:.3f}. Stage times (s): {fmt(stamps)}.")
+    short = "".join(f" ({name}: {r['n']}, all there are)" for name, r in results.items()
+                    if r["n"] < cfg.n_eval)  # a small test chromosome's Data row
+    note = (f"{cfg.n_eval} samples per row{short}, {cfg.steps} sampler steps, medians (metrics: "
+            f"docs/dna.md); Pred-Activity: the evaluation oracle's {what}. Oracles on {cfg.test_chrom}: "
+            f"{tests}; the two oracles agree at Pearson {oracles['agreement']:.3f}. Stage times (s): "
+            f"{fmt(stamps)}.")
     history = {name: {"history": h, "probes": p} for name, (_, _, h, p) in runs.items()}
     saved = {"rows": results, "best_of_n": bon, "oracles": oracles, "stage_seconds": stamps, "runs": history}
     write_results(cfg, "results", results, cols, ["", note], saved)
