@@ -61,6 +61,14 @@ def parse_config(config_cls, presets: dict | Callable[[dict], dict], positive: t
     return cfg, given
 
 
+def refuse_unread(given: dict, names: tuple, why: str) -> None:
+    """Flags among names given explicitly (a preset's settings are not) are an error naming them: the chosen
+    run does not read them, and results.json would record them as if it had."""
+    unread = ", ".join("--" + f.replace("_", "-") for f in names if f in given)
+    if unread:
+        raise ValueError(f"{unread}: {why}")
+
+
 # ---------------------------------------------------------------------------- device, processes, files
 def setup(cfg) -> torch.device:
     """The device; under torchrun also the process group (NCCL and a GPU per process, or gloo on the CPU)."""

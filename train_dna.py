@@ -33,8 +33,8 @@ from data.drakes import HEPG2, METRICS, PUBLISHED, drakes_sample, oracle_predict
 from models.dna import AccessibilityCNN, DilatedCNNDenoiser, EnformerOracle, predict
 from models.drakes import bench_networks, load_release
 from train_common import (RANK, WORLD, Stopwatch, arg, best_of, bon_sizes, fmt, markdown_table, parse_config,
-                          rank0_first, sampling_budget, save_atomic, save_results, sepo_settings, setup,
-                          timed_step, train_loop, train_sepo)
+                          rank0_first, refuse_unread, sampling_budget, save_atomic, save_results,
+                          sepo_settings, setup, timed_step, train_loop, train_sepo)
 
 GRAPH, NOISE = sepo.Masked(4), sepo.LogLinear()  # MDLM's absorbing graph over A, C, G, T; DRAKES's eps 1e-3
 # --drakes: the flag that gives each release file (data/drakes.py RELEASE) elsewhere than its release path
@@ -166,12 +166,11 @@ def parse_args(argv: Optional[list[str]] = None) -> Config:
     cfg, given = parse_config(Config, presets_for, POSITIVE, argv, about, types)
     if cfg.release and "data" in given:
         raise ValueError("--data is the default run's table; the DRAKES run reads --drakes-data")
-    own = ("test_chrom", "val_chrom", *PRETRAIN_KEYS, *ORACLE_KEYS, "access_epochs", "bon_max", "elbo_t")
-    others = own if cfg.release else DRAKES_ONLY
-    unread = ", ".join("--" + f.replace("_", "-") for f in others if f in given)
-    if unread:
-        raise ValueError(f"{unread}: the default run's, not read by the DRAKES run (--drakes)" if cfg.release
-                         else f"{unread}: the DRAKES run's (--drakes), not read by the default run")
+    if cfg.release:
+        own = ("test_chrom", "val_chrom", *PRETRAIN_KEYS, *ORACLE_KEYS, "access_epochs", "bon_max", "elbo_t")
+        refuse_unread(given, own, "the default run's, not read by the DRAKES run (--drakes)")
+    else:
+        refuse_unread(given, DRAKES_ONLY, "the DRAKES run's (--drakes), not read by the default run")
     flags = "--oracle-dim, --oracle-heads, --oracle-downsamples"  # refused now, not after pre-training
     EnformerOracle.check(cfg.oracle_dim, cfg.oracle_heads, cfg.oracle_downsamples, flags)
     if cfg.corrector_steps >= 70:  # SEPO with GF seeds stream_seed + 30 + it: below the evaluation's + 100

@@ -35,8 +35,8 @@ from models.gpt2 import RewardModel
 from models.text import (TextReward, bench_networks, end_at_eot, load_networks, make_diffusion,
                          sedd_diffusion, to_device)
 from train_common import (RANK, WORLD, Stopwatch, arg, best_of, bon_sizes, fmt, load_ckpt, markdown_table,
-                          parse_config, peak_gib, rank0_first, sampling_budget, save_atomic, save_results,
-                          sepo_settings, setup, timed_step, train_loop, train_sepo)
+                          parse_config, peak_gib, rank0_first, refuse_unread, sampling_budget, save_atomic,
+                          save_results, sepo_settings, setup, timed_step, train_loop, train_sepo)
 
 
 # ---------------------------------------------------------------------------- configuration
@@ -172,9 +172,8 @@ def parse_args(argv: Optional[list[str]] = None) -> Config:
     needs = [f for f in SEDD_ONLY if getattr(cfg, f)] + ["long_prompts"] * (cfg.long_prompts == "truncate")
     if needs and not cfg.sedd:
         raise ValueError(f"--{needs[0].replace('_', '-')} is for the SEDD path (GPT-2 ids): add --sedd")
-    own = [f for f in LM_ONLY if f in given]  # explicit flags only: a preset may set them
-    if own and cfg.sedd:
-        raise ValueError(f"--{own[0].replace('_', '-')} is the default run's own LM: --sedd fine-tunes SEDD")
+    if cfg.sedd:
+        refuse_unread(given, LM_ONLY, "the default run's own LM, not read with --sedd (it fine-tunes SEDD)")
     for width, heads in (("rm_d_model", "rm_heads"), ("d_model", "n_heads")):
         if getattr(cfg, width) % getattr(cfg, heads):
             raise ValueError(f"--{width.replace('_', '-')} {getattr(cfg, width)} must be divisible by "
