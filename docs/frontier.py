@@ -12,8 +12,8 @@ prompts) and the reward model's score against the perplexity under the pre-train
 each SEPO point, whether a best-of-N point is at least as good on both axes of the first panel (dominated; a
 lower perplexity is the more natural) and which N it beats on both. Its KL columns hold SEPO's path KL as
 realised against its budget: the mean over the second half of the iterations and the largest mean over 10
-consecutive iterations; for best-of-N, the bound log N - (N - 1) / N on the KL of its samples' law to the pre-trained
-model.
+consecutive iterations; for best-of-N, the bound log N - (N - 1) / N on the KL of its samples' law to the
+pre-trained model.
 """
 import json
 import math
