@@ -54,7 +54,7 @@ def test_save_atomic_syncs_the_file_before_it_replaces_the_old_one(tmp_path, mon
 
 def test_text_settings_under_which_sepo_learns_nothing_fail_before_any_work(tmp_path):
     """--group 1 under --baseline group (A = R - the group's mean = 0), one sample in all under --baseline
-    batch, and --lr 0 ran SEPO as a silent no-op; now train_common.sepo_settings refuses them, and
+    batch, and --lr 0 ran SEPO as a silent no-op; now parse_args (--lr) and sepo_settings refuse them, and
     train_text.main calls it before any work."""
     def check(*argv):
         return TT.sepo_config(TT.parse_args(list(argv)), "none")
@@ -62,11 +62,11 @@ def test_text_settings_under_which_sepo_learns_nothing_fail_before_any_work(tmp_
         check("--group", "1")
     with pytest.raises(ValueError, match=r"--batch 1 --group 1: the batch baseline"):
         check("--group", "1", "--baseline", "batch", "--batch", "1")
-    with pytest.raises(ValueError, match=r"--lr 0: SEPO would not change the model"):
+    with pytest.raises(ValueError, match=r"--lr must be > 0, got 0\.0"):
         check("--lr", "0")
     assert check("--group", "1", "--baseline", "batch", "--batch", "2").group_size == 1  # a batch mean of 2
     assert check("--group", "1", "--baseline", "running").baseline == "running"
-    for bad, msg in ((["--group", "1"], "--group 1"), (["--lr", "0"], "--lr 0")):
+    for bad, msg in ((["--group", "1"], "--group 1"), (["--lr", "0"], "--lr must be > 0")):
         with pytest.raises(ValueError, match=msg):
             TT.main([*bad, "--threads", "1", "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()

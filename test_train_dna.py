@@ -564,12 +564,12 @@ def test_enformer_shape_flags_fail_before_any_work(tmp_path):
 
 def test_settings_under_which_sepo_learns_nothing_fail_before_any_work(tmp_path):
     """--group 1 under GRPO (every advantage 0) and --lr 0 ran SEPO as a silent no-op; now errors from
-    train_common.sepo_settings, which main calls before any work."""
+    train_common.sepo_settings and parse_args (--lr among the positive numbers), before any work."""
     with pytest.raises(ValueError, match=r"--group 1: under GRPO every advantage is 0"):
         T.sepo_config(T.parse_args(["--group", "1"]), 0)
-    with pytest.raises(ValueError, match="--lr 0: SEPO would not change the model"):
+    with pytest.raises(ValueError, match=r"--lr must be > 0, got 0\.0"):
         T.sepo_config(T.parse_args(["--lr", "0"]), 0)
-    for bad, msg in ((["--group", "1"], "--group 1"), (["--lr", "0"], "--lr 0"),
+    for bad, msg in ((["--group", "1"], "--group 1"), (["--lr", "0"], "--lr must be > 0"),
                      (["--drakes", "DIR", "--group", "1"], "--group 1")):
         with pytest.raises(ValueError, match=msg):
             T.main([*bad, "--out", str(tmp_path / "x")])

@@ -146,9 +146,8 @@ def sepo_settings(cfg, **own) -> sepo.SEPOConfig:
 
 def refuse_no_op(cfg, config: sepo.SEPOConfig) -> None:
     """Settings under which SEPO would run and train nothing: every advantage 0 (one sample per group under
-    GRPO or the group baseline, one sample in all under the batch baseline), or a learning rate of 0."""
-    if cfg.lr == 0:
-        raise ValueError("--lr 0: SEPO would not change the model; give a learning rate > 0")
+    GRPO or the group baseline, one sample in all under the batch baseline). --lr 0 is refused with the
+    drivers' other positive numbers (POSITIVE)."""
     if cfg.group == 1 and (config.advantage == "grpo" or config.baseline == "group"):
         what = "GRPO" if config.advantage == "grpo" else "--baseline group"
         raise ValueError(f"--group 1: under {what} every advantage is 0 (a group of one sample is its own "

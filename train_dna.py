@@ -145,7 +145,7 @@ DRAKES_PRESETS = {name: {**p, "out": "runs/drakes"} for name, p in PRESETS.items
 DRAKES_PRESETS["paper"] = dict(out="runs/drakes", iters=1000, lr=1e-4, batch=16, group=8, epochs=5,
                                clip_eps=0.2, snis=2, steps=128, kl_coef=1e-4, kl_steps=50, pl_positions=16,
                                micro_batch=16, ckpt_every=50)
-POSITIVE = ("hidden", "stacks", "pretrain_steps", "pretrain_batch", "pretrain_lr", "oracle_dim",
+POSITIVE = ("hidden", "stacks", "pretrain_steps", "pretrain_batch", "pretrain_lr", "lr", "oracle_dim",
             "oracle_heads", "oracle_downsamples", "oracle_epochs", "oracle_batch", "oracle_lr",
             "access_epochs", "ckpt_every", "n_eval", "bon_max", "elbo_t", "kl_gain", "eval_steps")
 

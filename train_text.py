@@ -155,7 +155,7 @@ SEDD_PRESETS = {"cpu": dict(prompt_len=128, response_len=32, iters=10, batch=4, 
 POSITIVE = ("vocab", "prompt_len", "response_len", "d_model", "n_layers", "n_heads", "pretrain_steps",
             "pretrain_batch", "pretrain_lr", "rm_d_model", "rm_layers", "rm_heads", "rm_epochs", "rm_batch",
             "rm_lr", "ckpt_every", "eval_prompts", "eval_samples", "elbo_t", "kl_gain", "chunk_size",
-            "eval_batch")
+            "eval_batch", "lr")  # lr 0: SEPO would train nothing
 SEDD_ONLY = ("reward_model", "lora_merges", "reward_heads", "judge", "judge_lora_merges", "judge_heads",
              "ppl_model", "checkpointing")
 LM_ONLY = ("graph", "vocab", "d_model", "n_layers", "n_heads", "pretrain_steps", "pretrain_batch",
