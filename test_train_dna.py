@@ -881,7 +881,7 @@ def test_drakes_bench_times_the_release_networks(release, capsys):
     out = T.main(["--drakes", str(base), "--bench", *DRAKES_TINY, "--grad", "auto", "--ratio", "auto"])
     log = capsys.readouterr().out
     assert set(out) == {"step_s_gf0", "step_s_gf1"} and "random weights" not in log
-    assert log.count("0.01M-parameter denoiser") == 2 and "grad pl, ratio snis" in log  # the stand-in's CNN
+    assert log.count("0.01M-parameter denoiser") == 2 and "grad=pl, ratio=snis" in log  # the stand-in's CNN
 
 
 def test_release_networks_are_described_with_what_their_files_say(release, tmp_path):

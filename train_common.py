@@ -311,17 +311,37 @@ def save_results(out: str, stem: str, table: str, result: dict, curves: dict, cu
     save_curves(curves, os.path.join(out, curves_file))
 
 
+def write_results(cfg, stem: str, results: dict, cols: list[str], notes: list[str], saved: dict) -> None:
+    """Print the table of results {row: {column: value}} (percentages to 0.1, the rest to 0.001) and its
+    notes; write them (stem.md), the numbers with cfg (stem.json) and the learning curves of saved["runs"]
+    (curves.png) into cfg.out."""
+    cells = []
+    for name, r in results.items():
+        cells.append([name] + [f"{r[c]:.1f}" if "%" in c else f"{r[c]:.3f}" for c in cols])
+    table = "\n".join(markdown_table(["Model", *cols], cells) + notes)
+    print(table)
+    curves = {name: run["history"] for name, run in saved["runs"].items()}
+    save_results(cfg.out, stem, table, {"config": dataclasses.asdict(cfg), **saved}, curves, "curves.png")
+    print(f"[done] {cfg.out}: {stem}.md, {stem}.json, curves.png, samples_*.txt")
+
+
 # ---------------------------------------------------------------------------- --bench
 def peak_gib(device: torch.device) -> float:
     """Peak GPU memory since the last reset, in GiB (NaN on a CPU)."""
     return torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
 
 
-def timed_step(trainer, device: torch.device) -> tuple[float, float]:
-    """--bench: one trainer.step() -> (its seconds, the peak GPU memory in GiB, NaN on a CPU). CUDA's queue is
-    drained and its peak reset first; step() reads its statistics back, so the GPU is done when it returns."""
+def timed_step(trainer, device: torch.device, what: str) -> tuple[float, float]:
+    """--bench: one trainer.step() -> (its seconds, the peak GPU memory in GiB, NaN on a CPU), printed with
+    the settings behind them and `what` is sampled. CUDA's queue is drained and its peak reset first; step()
+    reads its statistics back, so the GPU is done when it returns."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     seconds = trainer.step()["time"]
-    return seconds, peak_gib(device)
+    peak = peak_gib(device)
+    c = trainer.cfg
+    print(f"[bench] {c.batch_size}x{c.group_size} {what}, {c.steps} steps, corrector_steps="
+          f"{c.corrector_steps}, micro_batch={c.micro_batch or 'all'}, grad={c.grad}, ratio={c.ratio}: "
+          f"one trainer.step() {seconds:.2f}s, peak GPU memory {peak:.2f} GiB")
+    return seconds, peak

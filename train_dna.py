@@ -29,12 +29,12 @@ import sepo
 from data.dna import (CELL_TYPES, SEQ_LEN, DnaData, DnaScorer, chrom_name, decode_sequences, file_sha256,
                       held_out_metrics, hepg2_score, load_data, oracle_chromosomes, pearson,
                       split_by_chromosome, top_hepg2)
-from data.drakes import HEPG2, METRICS, PUBLISHED, drakes_sample, oracle_predictions, published_table
+from data.drakes import HEPG2, METRICS, PUBLISHED, oracle_predictions, published_table, table_samples
 from models.dna import AccessibilityCNN, DilatedCNNDenoiser, EnformerOracle, predict
 from models.drakes import bench_networks, load_release
-from train_common import (RANK, WORLD, Stopwatch, arg, best_of, bon_sizes, fmt, markdown_table, parse_config,
-                          rank0_first, refuse_unread, sampling_budget, save_atomic, save_results,
-                          sepo_settings, setup, timed_step, train_loop, train_sepo)
+from train_common import (RANK, WORLD, Stopwatch, arg, best_of, bon_sizes, fmt, parse_config, rank0_first,
+                          refuse_unread, sampling_budget, save_atomic, sepo_settings, setup, timed_step,
+                          train_loop, train_sepo, write_results)
 
 GRAPH, NOISE = sepo.Masked(4), sepo.LogLinear()  # MDLM's absorbing graph over A, C, G, T; DRAKES's eps 1e-3
 # --drakes: the flag that gives each release file (data/drakes.py RELEASE) elsewhere than its release path
@@ -304,20 +304,6 @@ def evaluate(cfg: Config, score, pretrained: nn.Module, runs: dict, models: dict
     return results, [{"N": n, **score(best_of(pool, reward, n))} for n in bon_sizes(cfg.bon_max)]
 
 
-def write_results(cfg: Config, stem: str, results: dict, cols: list[str], notes: list[str], saved: dict
-                  ) -> None:
-    """Print the table (percentages to 0.1, the rest to 0.001) and its notes; write them (stem.md), the
-    numbers (stem.json) and the learning curves of saved["runs"] (curves.png)."""
-    cells = []
-    for name, r in results.items():
-        cells.append([name] + [f"{r[c]:.1f}" if "%" in c else f"{r[c]:.3f}" for c in cols])
-    table = "\n".join(markdown_table(["Model", *cols], cells) + notes)
-    print(table)
-    curves = {name: run["history"] for name, run in saved["runs"].items()}
-    save_results(cfg.out, stem, table, {"config": dataclasses.asdict(cfg), **saved}, curves, "curves.png")
-    print(f"[done] {cfg.out}: {stem}.md, {stem}.json, curves.png, samples_*.txt")
-
-
 def report(cfg: Config, results: dict, bon: list, runs: dict, oracles: dict, stamps: dict) -> None:
     cols = ["Pred-Activity", "ATAC-Acc %", "3-mer corr", "JASPAR corr", "App-Log-Lik", "Reward (ft oracle)"]
     what = ("HepG2 log-odds (DHS cell-type specificity)" if "hepg2_auroc" in str(oracles)
@@ -337,21 +323,6 @@ def report(cfg: Config, results: dict, bon: list, runs: dict, oracles: dict, sta
 
 
 # ---------------------------------------------------------------------------- --drakes: the DRAKES release
-def drakes_rows(cfg: Config, rel: dict, runs: dict, reward_fn) -> dict:
-    """Every row's samples by DRAKES's sampler (eval_steps steps, then its argmax; batches of 64 from seed 0),
-    and best-of-N at SEPO's sampling budget: per output, the reward oracle's favourite of N pre-trained draws
-    (seeds 0..N-1, seed 0's being the Pre-trained row)."""
-    n = sampling_budget(cfg, cfg.n_eval)
-    sample = lambda model, seed=0, gf=0: drakes_sample(model, cfg.n_eval, cfg.eval_steps, gf, seed=seed).cpu()
-    pool = torch.stack([sample(rel["pretrained"], seed) for seed in range(n)])  # [N, n_eval, 200]
-    rows = {"Pre-trained": pool[0]}
-    rows.update({name: sample(rel[k]) for k, name in DRAKES_ROWS.items() if k in rel})
-    rows.update({name: sample(model, 0, gf) for name, (gf, model, _) in runs.items()})
-    reward = reward_fn(pool.flatten(0, 1)).view(n, cfg.n_eval)
-    rows[f"Best-of-{n} ({cfg.reward_oracle} oracle)"] = best_of(pool.transpose(0, 1), reward.T, n)
-    return rows
-
-
 def drakes_main(cfg: Config, device: torch.device) -> dict:
     """--drakes: no pre-training, no oracle training. SEPO fine-tunes the release's pretrained MDLM, its KL
     reference, on an oracle's HepG2 output; then DRAKES's evaluation of every row (docs/dna.md)."""
@@ -371,7 +342,12 @@ def drakes_main(cfg: Config, device: torch.device) -> dict:
     clock.lap("sepo")
     if RANK:  # the evaluation and the report are rank 0's
         return {}
-    rows = drakes_rows(cfg, rel, runs, reward_fn)
+    # every row drawn by DRAKES's sampler; best-of-N at SEPO's sampling budget, picked by SEPO's reward
+    models = {name: (rel[k], 0) for k, name in DRAKES_ROWS.items() if k in rel}
+    models.update({name: (model, gf) for name, (gf, model, _) in runs.items()})
+    n = sampling_budget(cfg, cfg.n_eval)
+    rows = table_samples(rel["pretrained"], models, reward_fn, cfg.n_eval, cfg.eval_steps, n,
+                         f"Best-of-{n} ({cfg.reward_oracle} oracle)")
     save_samples(cfg, rows)
     results = {name: rel["scorer"](x) for name, x in rows.items()}
     clock.lap("evaluation")
@@ -404,15 +380,12 @@ def bench(cfg: Config, device: torch.device) -> dict:
         oracle = EnformerOracle(4, cfg.oracle_dim, cfg.oracle_depth, cfg.oracle_heads, cfg.oracle_downsamples)
         oracle = oracle.to(device)
         reward_fn = lambda x: hepg2_score(predict(oracle, x), "encode")
-    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    size = sum(p.numel() for p in model.parameters()) / 1e6
+    what = f"samples of a {size:.2f}M-parameter denoiser on {device}"
     out = {}
     for gf in sorted({0, cfg.corrector_steps}):
         trainer = sepo.SEPO(model, GRAPH, NOISE, reward_fn, SEQ_LEN, sepo_config(cfg, gf))
-        seconds, peak = timed_step(trainer, device)
-        out[f"step_s_gf{gf}"] = seconds
-        print(f"[bench] {cfg.batch}x{cfg.group} samples, {cfg.steps} steps, corrector_steps={gf}, "
-              f"{n_params:.2f}M-parameter denoiser on {device}, grad {trainer.cfg.grad}, ratio "
-              f"{trainer.cfg.ratio}: one trainer.step() {seconds:.2f}s, peak GPU {peak:.2f} GiB")
+        out[f"step_s_gf{gf}"] = timed_step(trainer, device, what)[0]
     return out
 
 

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import sepo
-from data.text import EOT, GPT2_VOCAB, PAD, TextData, TextScorer, gold_labelled_pairs, pair_accuracy, prepare
+from data.text import (EOT, GPT2_VOCAB, PAD, TextData, TextScorer, gold_labelled_pairs, pair_accuracy,
+                       prepare, table_cells)
 from models.gpt2 import RewardModel
 from models.text import (TextReward, bench_networks, end_at_eot, load_networks, make_diffusion,
                          sedd_diffusion, to_device)
@@ -336,18 +337,7 @@ def report(cfg: Config, rows: list, curve: list, examples: list, history: list, 
     judge = f"judge {cfg.judge}" if cfg.judge else "gold judge (gold_score)" if cfg.sedd else "gold"
     lm = "ELBO of the pre-trained SEDD" if cfg.sedd else "pre-trained"
     ppl = "perplexity (SEDD's ELBO, not GPT-2 large)" if cfg.sedd else "perplexity"
-    head = ["model", "n", "RM score", f"{judge} mean", f"{judge} win rate vs pre-trained [95% CI]",
-            f"NLL/token ({lm})", ppl, "distinct-1", "distinct-2"]
-    if cfg.ppl_model:
-        head.append(f"generative perplexity ({cfg.ppl_model})")
-    cells = []
-    for r in rows:
-        lo, hi = r["gold_win_ci"]
-        cells.append([r["model"], str(r["n"]), f"{r['rm_score']:.3f}", f"{r['gold_mean']:.3f}",
-                      f"{r['gold_win']:.3f} [{lo:.3f}, {hi:.3f}]", f"{r['nll_per_token']:.3f}",
-                      f"{r['perplexity']:.1f}", f"{r['distinct_1']:.3f}", f"{r['distinct_2']:.3f}"])
-        if cfg.ppl_model:
-            cells[-1].append(f"{r['gen_perplexity']:.1f}")
+    head, cells = table_cells(rows, judge, lm, ppl, cfg.ppl_model)
     accuracy = fmt({k: v for k, v in info.items() if "accuracy" in k})
     note = (f"Reward model held-out pairwise accuracy: {accuracy}; data: {fmt(info['data'])}. "
             f"Stage times (s): {fmt(stamps)}.")
@@ -373,14 +363,10 @@ def bench(cfg: Config, device: torch.device, amp: str) -> dict:
     L = cfg.prompt_len + cfg.response_len
     trainer = sepo.SEPO(model.requires_grad_(True), graph, noise, lambda x: rm.reward(x), L,
                         sepo_config(cfg, amp), ref_model=ref, prompt_fn=prompt_fn)
-    seconds, peak = timed_step(trainer, device)
-    out = {"step_s": seconds, "peak_gib": peak}
     size = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"[bench] {cfg.batch}x{cfg.group} responses, {cfg.steps} steps, "
-          f"micro_batch={cfg.micro_batch or 'all'}, grad={trainer.cfg.grad}, ratio={trainer.cfg.ratio}, "
-          f"{size:.1f}M-parameter {'SEDD ' + cfg.sedd if cfg.sedd else cfg.graph} LM on {device}: "
-          f"one trainer.step() {seconds:.2f}s, peak GPU memory {peak:.2f} GiB")
-    return out
+    lm = f"SEDD {cfg.sedd}" if cfg.sedd else cfg.graph
+    seconds, peak = timed_step(trainer, device, f"responses of a {size:.1f}M-parameter {lm} LM on {device}")
+    return {"step_s": seconds, "peak_gib": peak}
 
 
 def main(argv: Optional[list[str]] = None) -> dict:

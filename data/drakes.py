@@ -12,7 +12,7 @@ Models", NeurIPS 2024. docs/dna.md reads it metric by metric ("The DRAKES releas
   4. 3-mer Pearson (the top-0.1% HepG2 reference set)
   5. JASPAR Spearman: FIMO (Grant, Bailey & Noble 2011) as pymemesuite runs it for gReLU 1.0.2, on the
      JASPAR 2022 CORE collection (Castro-Mondragon et al. 2022)
-  6. the scorer of one table row, and the published numbers
+  6. the samples and the scorer of the table's rows, and the published numbers
 
 Sequences are LongTensor[N, 200] over A, C, G, T = 0..3 (DRAKES's DNA_ALPHABET), MASK = 4. Run as a module
 from the repository root: it imports sepo.py and data/dna.py.
@@ -473,7 +473,7 @@ def jaspar_spearman(gen: dict[str, int], ref: dict[str, int]) -> float:
     return spearman(a, b)
 
 
-# === 6. The scorer of one table row, and the published numbers. ===================================
+# === 6. The table's rows (samples, scorer), and the published numbers. =============================
 
 METRICS = ("Pred-Activity", "ATAC-Acc %", "3-mer Pearson", "JASPAR Spearman", "App-Log-Lik")
 
@@ -503,6 +503,21 @@ class DrakesScorer:
                 "3-mer Pearson": kmer_pearson(kmer_counts(x.cpu()), self.ref_kmers),
                 "JASPAR Spearman": jaspar_spearman(gen_motifs, self.ref_motifs),
                 "App-Log-Lik": float(np.median(ll.cpu().numpy()))}
+
+
+def table_samples(pretrained: nn.Module, models: dict, reward_fn, n_eval: int = 640, steps: int = 128,
+                  n_best: int = 1, best_row: str = "Best-of-N") -> dict[str, Tensor]:
+    """Each row's samples [n_eval, 200] as DRAKES's evaluation draws them (drakes_sample: from seed 0, `steps`
+    steps, then its argmax): the pre-trained model's ("Pre-trained"), then those of models {row: (model,
+    corrector steps)}, then best_row, the best-of-n_best baseline of the SEPO paper: per output, reward_fn's
+    favourite of n_best pre-trained draws (seeds 0..n_best-1, seed 0's being the Pre-trained row)."""
+    sample = lambda model, seed=0, gf=0: drakes_sample(model, n_eval, steps, gf, seed=seed).cpu()
+    pool = torch.stack([sample(pretrained, seed) for seed in range(n_best)])  # [n_best, n_eval, 200]
+    rows = {"Pre-trained": pool[0]}
+    rows.update({name: sample(model, 0, gf) for name, (model, gf) in models.items()})
+    reward = reward_fn(pool.flatten(0, 1)).view(n_best, n_eval)
+    rows[best_row] = pool[reward.argmax(0), torch.arange(n_eval)]  # the first of equal rewards, as argmax
+    return rows
 
 
 def _row(*values: Optional[float]) -> dict[str, Optional[float]]:

@@ -1,7 +1,7 @@
 """The text data of train_text.py: HH-RLHF preference files (one file or a folder of them), the split by
 prompt, the BPE tokenizer, the gold judge that plays the human labeller (and labels pairs of samples), and
-the statistics of the text evaluation with TextScorer, a row of its table; and, for the paper's SEDD path,
-GPT-2's tokenizer (offline) and the HH pairs as GPT-2 ids.
+the statistics of the text evaluation with TextScorer, a row of its table (table_cells: the table); and, for
+the paper's SEDD path, GPT-2's tokenizer (offline) and the HH pairs as GPT-2 ids.
 
     python data/text.py          # (re)build data/chatterbot_hh.jsonl.gz, the default preference file
 
@@ -708,6 +708,25 @@ class TextScorer:
             row["gen_perplexity"] = ppl[0]
         return row
 
+
+
+def table_cells(rows: list[dict], judge: str, lm: str, ppl: str, ppl_model: str = ""
+                ) -> tuple[list[str], list[list[str]]]:
+    """TextScorer's rows as a table: (header, cells). judge, lm and ppl name what gave the judge's columns,
+    the NLL and the perplexity; ppl_model, the LM of the generative perplexity ("": no such column)."""
+    head = ["model", "n", "RM score", f"{judge} mean", f"{judge} win rate vs pre-trained [95% CI]",
+            f"NLL/token ({lm})", ppl, "distinct-1", "distinct-2"]
+    if ppl_model:
+        head.append(f"generative perplexity ({ppl_model})")
+    cells = []
+    for r in rows:
+        lo, hi = r["gold_win_ci"]
+        cells.append([r["model"], str(r["n"]), f"{r['rm_score']:.3f}", f"{r['gold_mean']:.3f}",
+                      f"{r['gold_win']:.3f} [{lo:.3f}, {hi:.3f}]", f"{r['nll_per_token']:.3f}",
+                      f"{r['perplexity']:.1f}", f"{r['distinct_1']:.3f}", f"{r['distinct_2']:.3f}"])
+        if ppl_model:
+            cells[-1].append(f"{r['gen_perplexity']:.1f}")
+    return head, cells
 
 if __name__ == "__main__":
     build_default_pairs()
