@@ -333,8 +333,8 @@ def peak_gib(device: torch.device) -> float:
 
 def timed_step(trainer, device: torch.device, what: str) -> tuple[float, float]:
     """--bench: one trainer.step() -> (its seconds, the peak GPU memory in GiB, NaN on a CPU), printed with
-    the settings behind them and `what` is sampled. CUDA's queue is drained and its peak reset first; step()
-    reads its statistics back, so the GPU is done when it returns."""
+    the settings behind them and `what` (the samples and their model). CUDA's queue is drained and its peak
+    reset first; step() reads its statistics back, so the GPU is done when it returns."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -709,7 +709,6 @@ class TextScorer:
         return row
 
 
-
 def table_cells(rows: list[dict], judge: str, lm: str, ppl: str, ppl_model: str = ""
                 ) -> tuple[list[str], list[list[str]]]:
     """TextScorer's rows as a table: (header, cells). judge, lm and ppl name what gave the judge's columns,
@@ -727,6 +726,7 @@ def table_cells(rows: list[dict], judge: str, lm: str, ppl: str, ppl_model: str 
         if ppl_model:
             cells[-1].append(f"{r['gen_perplexity']:.1f}")
     return head, cells
+
 
 if __name__ == "__main__":
     build_default_pairs()
