@@ -767,19 +767,24 @@ class SEPO:
     generator) -> [num_prompts, Lp], optional, gives fixed prefixes; each is shared by the
     group_size samples of one group and is part of the sequences passed to reward_fn. The KL
     reference is a private copy of ref_model (default: of model), so the caller's model is never
-    changed; `model` itself is trained in place. A non-finite loss or gradient never reaches the
-    weights: that update is skipped and counted (stats["skipped"]; `nonfinite` names the quantity), and
-    max_bad_iterations such iterations in a row raise FloatingPointError naming it and the iteration.
+    changed; copy_ref=False uses ref_model itself, frozen in place (one copy of its weights less; it
+    must not change while SEPO runs). `model` itself is trained in place. A non-finite loss or gradient
+    never reaches the weights: that update is skipped and counted (stats["skipped"]; `nonfinite` names
+    the quantity), and max_bad_iterations such iterations in a row raise FloatingPointError naming it
+    and the iteration.
     """
 
     def __init__(self, model: nn.Module, graph: Graph, noise, reward_fn: Callable[[Tensor], Tensor],
                  length: int, cfg: Optional[SEPOConfig] = None, ref_model: Optional[nn.Module] = None,
-                 prompt_fn: Optional[Callable[[int, torch.Generator], Tensor]] = None):
+                 prompt_fn: Optional[Callable[[int, torch.Generator], Tensor]] = None, copy_ref: bool = True):
         self.cfg = cfg = (cfg or SEPOConfig()).for_graph(graph)
+        if not copy_ref and (ref_model is None or ref_model is model or cfg.kl_reference == "previous"):
+            raise ValueError("copy_ref=False needs a ref_model other than model, and kl_reference="
+                             "'pretrained' (a 'previous' reference is rewritten every iteration)")
         self.model = model.eval()  # eval: no dropout, so r = 1 at epoch 0
         self.graph, self.noise = graph, noise
         self.reward_fn, self.length, self.prompt_fn = reward_fn, length, prompt_fn
-        ref = copy.deepcopy(ref_model if ref_model is not None else model)
+        ref = copy.deepcopy(ref_model if ref_model is not None else model) if copy_ref else ref_model
         self.ref_model = ref.eval().requires_grad_(False)
         self.opt, self.device = torch.optim.Adam(model.parameters(), lr=cfg.lr), _device(model)
         on = dist.is_available() and dist.is_initialized()  # torch.distributed, e.g. under torchrun

@@ -663,3 +663,18 @@ def test_stand_ins_are_inert_and_allow_is_exact(release: dict[str, Path]) -> Non
     assert to_plain(config) == drakes_config(16, 1)
     with pytest.raises(UnsafeCheckpointError, match=r"builtins\.dict, .*omegaconf\.dictconfig\.DictConfig"):
         load_checkpoint(release["pretrained"], allow={})
+
+
+def test_load_release_warns_when_the_data_table_is_not_the_releases(tmp_path, monkeypatch, capsys) -> None:
+    """A gosai_all.csv far smaller than DRAKES's (here 300 rows) gives another reference set: a warning names
+    it; a table of the release's size (GOSAI_ROWS set to these 300 rows) prints none."""
+    import models.drakes as MD
+    files = write_drakes_release(tmp_path)
+    MD.load_release(str(tmp_path), {}, atac_column=1, eval_steps=4)
+    log = capsys.readouterr().out
+    assert f"[release] reference set: {len(MD.load_reference(str(files['data'])))} sequences" in log
+    assert "WARNING: DRAKES's gosai_all.csv (about 673,000 rows) gives about 673 reference sequences" in log
+    monkeypatch.setattr(MD, "GOSAI_ROWS", 300)
+    MD.load_release(str(tmp_path), {}, atac_column=1, eval_steps=4)
+    log = capsys.readouterr().out
+    assert "[release] reference set:" in log and "WARNING" not in log

@@ -635,6 +635,30 @@ def test_the_callers_reference_model_is_never_changed(kl_reference):
         assert all(torch.equal(ref[k], before[k]) for k in before)
 
 
+def test_copy_ref_false_uses_the_callers_reference_and_changes_no_update():
+    """copy_ref=False: the trainer's reference IS the caller's frozen module (no second copy of its weights),
+    never changed, and two iterations give the weights and statistics of the default private copy, bit for
+    bit. It is refused where the reference would be rewritten or there is none to share."""
+    graph, noise, model = make("masked")
+    pretrained = copy.deepcopy(model).requires_grad_(False)
+    before = copy.deepcopy(pretrained.state_dict())
+    runs = []
+    for copy_ref in (True, False):
+        policy = copy.deepcopy(model)
+        trainer = sepo.SEPO(policy, graph, noise, count_threes, 6, small_cfg(lr=3e-2), ref_model=pretrained,
+                            copy_ref=copy_ref)
+        assert (trainer.ref_model is pretrained) == (not copy_ref)
+        runs.append(([trainer.step() for _ in range(2)], policy.state_dict()))
+    strip = lambda h: [{k: v for k, v in s.items() if not k.startswith("time")} for s in h]
+    assert strip(runs[0][0]) == strip(runs[1][0])
+    assert all(torch.equal(runs[0][1][k], v) for k, v in runs[1][1].items())
+    assert any(not torch.equal(before[k], v) for k, v in runs[1][1].items())  # the policy did move
+    assert all(torch.equal(before[k], v) for k, v in pretrained.state_dict().items())
+    for ref, kw in ((None, {}), (model, {}), (pretrained, {"kl_reference": "previous"})):
+        with pytest.raises(ValueError, match="copy_ref=False needs a ref_model other than model"):
+            sepo.SEPO(model, graph, noise, count_threes, 6, small_cfg(**kw), ref_model=ref, copy_ref=False)
+
+
 def test_normalized_ppo_advantages():
     r = torch.tensor([1.0, 2.0, 4.0, 7.0])
     adv = sepo.ppo_advantages(r, normalize=True)
@@ -1002,16 +1026,18 @@ def test_the_pull_back_works_with_a_reference_stored_in_bf16():
     """The SEDD path keeps its frozen reference in bf16 beside an fp32 policy: the pull-back casts it."""
     graph, noise, model = make("masked")
     ref = copy.deepcopy(model).to(torch.bfloat16)
-    trainer = sepo.SEPO(model, graph, noise, count_threes, 6, small_cfg(kl_target=1e-9, lr=3e-2), ref_model=ref)
+    cfg = small_cfg(kl_target=1e-9, lr=3e-2)
+    trainer = sepo.SEPO(model, graph, noise, count_threes, 6, cfg, ref_model=ref)
     stats = [trainer.step() for _ in range(2)]
     assert any(s["kl_shrink"] < 1 for s in stats)
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_the_projection_lands_on_the_budget():
-    """theta <- theta_ref + beta (theta - theta_ref) with the path KL at the batch's states on the budget after:
-    near the reference the KL is quadratic and beta = sqrt(delta / KL) lands; far from it (a policy 900x over
-    the budget) that beta lands at half the budget, and the fitted power law brings it within 10%."""
+    """theta <- theta_ref + beta (theta - theta_ref) with the path KL at the batch's states on the budget
+    after: near the reference the KL is quadratic and beta = sqrt(delta / KL) lands; far from it (a policy
+    900x over the budget) that beta lands at half the budget, and the fitted power law brings it within
+    10%."""
     for scale, within in ((0.05, 1e-3), (1.0, 0.1)):
         graph, noise, model = make("masked")
         trainer = sepo.SEPO(model, graph, noise, count_threes, 6, small_cfg(kl_target=1e-2, kl_steps=10))

@@ -303,6 +303,11 @@ def test_transformers_reward_model_errors(tmp_path):
         G.load_reward_model("sepo-tests/no-such-model", local_files_only=True)
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
         G.load_reward_model(str(tmp_path / "missing.pt"))
+    (tmp_path / "untyped").mkdir()  # transformers' own error lists every model type it knows: ~5000 chars
+    (tmp_path / "untyped" / "config.json").write_text('{"hidden": 8}')
+    untyped = r"local folder \(its config.json names no transformers model_type\)$"
+    with pytest.raises(ValueError, match=untyped):
+        G.load_reward_model(str(tmp_path / "untyped"))
     with pytest.raises(ValueError, match=r"takes no \['lora_merges'\]"):
         G.load_reward_model(str(tmp_path / "two"), lora_merges=0)
 

@@ -5,6 +5,9 @@ import importlib.util
 import json
 import math
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -14,6 +17,7 @@ import torch
 import train_text as T
 from data import text as D
 
+ROOT = Path(__file__).resolve().parent
 torch.set_num_threads(1)  # tiny models: threads only add overhead (and the CI box is shared)
 
 # toy sizes: the whole pipeline in seconds. TINY adds one gold-labelled policy pair per prompt; with --data
@@ -282,6 +286,7 @@ def test_bench_times_one_step_and_writes_nothing(tmp_path, capsys):
     out = T.main([*TINY, "--bench", "--micro-batch", "2", "--out", str(tmp_path / "b")])
     log = capsys.readouterr().out
     assert 0 < out["step_s"] < 60 and "one trainer.step()" in log and "micro_batch=2" in log
+    assert "GPU memory" not in log and math.isnan(out["peak_gib"])  # on a CPU: no peak to report
     assert not (tmp_path / "b").exists()  # a benchmark leaves no run folder behind
 
 
@@ -313,6 +318,9 @@ def test_pipeline_smoke_and_resume(tmp_path, capsys):
     fig.main([out], out=str(tmp_path / "tradeoff.png"))
     table, sepo_row = capsys.readouterr().out, rows["SEPO (4 steps)"]
     assert os.path.getsize(tmp_path / "tradeoff.png") > 1000
+    committed = {f: (ROOT / "docs" / f).read_bytes() for f in ("text_tradeoff.png", "text_frontier.png")}
+    cli = subprocess.run([sys.executable, path, out], capture_output=True, text=True, cwd=tmp_path)
+    assert cli.returncode == 0 and f"wrote {os.path.join(out, 'tradeoff.png')}" in cli.stdout  # by default
     assert f"| 0.1 | {sepo_row['rm_score']:.3f} | {sepo_row['gold_win']:.3f} [" in table
     assert f"| pre-trained | {rows['pre-trained']['rm_score']:.3f} |" in table
     # --bon-max: best-of-N by the reward model, a row at SEPO's budget (1 + ceil(2 * 2 * 2 / 16) = 2) and the
@@ -330,6 +338,9 @@ def test_pipeline_smoke_and_resume(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| pl/snis | alpha 0.1 | 2 | " in table and "| best-of-3 | | 3 |" in table
     assert os.path.getsize(tmp_path / "frontier.png") > 1000
+    frontier.main("text", [out])  # by default beside the first run, never over the committed figures
+    assert f"wrote {os.path.join(out, 'frontier.png')}" in capsys.readouterr().out
+    assert committed == {f: (ROOT / "docs" / f).read_bytes() for f in committed}
     # a second run with more iterations reuses every cached stage and resumes SEPO
     T.main([*TINY, "--out", out, "--iters", "3"])
     log = capsys.readouterr().out
@@ -634,6 +645,8 @@ def test_a_sedd_run_trains_our_reward_model_and_its_checkpoint_reproduces_the_ru
 @pytest.mark.parametrize("flags, error, message", [
     (["--sedd", "louaaron/sedd-small"], OSError, "huggingface-cli download louaaron/sedd-small --local-dir"),
     (["--reward-model", "nobody/no-such-reward-model"], ValueError, "offline, download the model first"),
+    (["--reward-model", "{sedd}"], ValueError, r"sedd: a SEDD diffusion model \(its config.json is SEDD's"),
+    (["--ppl-model", "{sedd}"], ValueError, "SEDD diffusion model .*, not a transformers AutoModelForCausal"),
     (["--reward-model", "{tmp}/garbage.pt"], ValueError, r"not a checkpoint torch.load\(weights_only=True\)"),
     (["--reward-model", "{tmp}/bpe_rm.pt"], ValueError, "ids of train_text.py's BPE, not over GPT-2's 50257"),
     (["--reward-model", "{tmp}/short_rm.pt"], ValueError,

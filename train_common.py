@@ -341,7 +341,8 @@ def timed_step(trainer, device: torch.device, what: str) -> tuple[float, float]:
     seconds = trainer.step()["time"]
     peak = peak_gib(device)
     c = trainer.cfg
+    memory = f", peak GPU memory {peak:.2f} GiB" if device.type == "cuda" else ""  # a CPU has no such peak
     print(f"[bench] {c.batch_size}x{c.group_size} {what}, {c.steps} steps, corrector_steps="
           f"{c.corrector_steps}, micro_batch={c.micro_batch or 'all'}, grad={c.grad}, ratio={c.ratio}: "
-          f"one trainer.step() {seconds:.2f}s, peak GPU memory {peak:.2f} GiB")
+          f"one trainer.step() {seconds:.2f}s{memory}")
     return seconds, peak

@@ -61,6 +61,8 @@ RELEASE = {
                                "DRAKES fine-tuned without KL (optional)", required=False),
 }
 GOSAI_COLUMNS = (("seq", "sequence"), ("hepg2",), ("k562",), ("sknsh",))  # what dna.read_gosai reads
+# About the rows of DRAKES's gosai_all.csv: its config trains 100 epochs in 131,500 steps of 512 sequences
+GOSAI_ROWS = 673_000
 
 
 def release_root(base_dir: str) -> str:

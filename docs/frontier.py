@@ -1,7 +1,8 @@
 """The reward-naturalness frontier: SEPO at several KL budgets against best-of-N, from finished runs.
 
-    python docs/frontier.py dna RUN [RUN ...]    # train_dna.py runs  -> docs/dna_frontier.png, a table
-    python docs/frontier.py text RUN [RUN ...]   # train_text.py runs -> docs/text_frontier.png, a table
+    python docs/frontier.py dna RUN [RUN ...]    # train_dna.py runs  -> RUN/frontier.png (the first), a table
+    python docs/frontier.py text RUN [RUN ...]   # train_text.py runs -> RUN/frontier.png (the first), a table
+    python docs/frontier.py dna RUN [RUN ...] --out docs/dna_frontier.png   # docs/dna.md's figure
 
 The runs share their pre-trained models (docs/dna.md and docs/text.md give the commands); best-of-N comes
 from the first run that has a curve (--bon-max). Every point is labelled with its sampling budget: samples
@@ -15,10 +16,10 @@ realised against its budget: the mean over the second half of the iterations and
 consecutive iterations; for best-of-N, the bound log N - (N - 1) / N on the KL of its samples' law to the
 pre-trained model.
 """
+import argparse
 import json
 import math
 import os
-import sys
 
 import matplotlib
 
@@ -71,7 +72,7 @@ def points(kind: str, r: dict, first: dict) -> list[dict]:
 def main(kind: str, runs: list[str], out: str = "") -> None:
     if kind not in AXES or not runs:
         raise SystemExit(__doc__)
-    out = out or os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{kind}_frontier.png")
+    out = out or os.path.join(runs[0], "frontier.png")  # never a committed docs/ figure unless asked
     loaded = [load(kind, run) for run in runs]
     bon = next(r["best_of_n"] for r in loaded if r.get("best_of_n"))
     pts = [p for r in loaded for p in points(kind, r, loaded[0]["config"])]
@@ -160,6 +161,9 @@ def main(kind: str, runs: list[str], out: str = "") -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 3:
-        raise SystemExit(__doc__)
-    main(sys.argv[1], sys.argv[2:])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("kind", choices=sorted(AXES), help="the runs' driver: train_dna.py or train_text.py")
+    p.add_argument("runs", nargs="+", help="the runs' folders; best-of-N from the first with a curve")
+    p.add_argument("--out", default="", help="the figure (default: frontier.png in the first run's folder)")
+    args = p.parse_args()
+    main(args.kind, args.runs, out=args.out)

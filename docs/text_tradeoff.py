@@ -1,7 +1,8 @@
-"""The reward-naturalness trade-off of train_text.py over KL weights: docs/text_tradeoff.png.
+"""The reward-naturalness trade-off of train_text.py over KL weights: a figure and a markdown table.
 
     for a in 0.0 0.03 0.1 0.3 1.0; do python train_text.py --kl-coef $a --out runs/text_kl$a; done
-    python docs/text_tradeoff.py runs/text_kl*         # -> docs/text_tradeoff.png and a markdown table
+    python docs/text_tradeoff.py runs/text_kl*         # -> runs/text_kl0.0/tradeoff.png and the table
+    python docs/text_tradeoff.py runs/text_kl* --out docs/text_tradeoff.png   # docs/text.md's figure
 
 Copy pretrain.pt, reward_model_steps16.pt and policy_pairs_steps16.pt of the first run into
 the other --out folders before starting them: the runs then share the pre-trained LM and the reward model, and
@@ -9,9 +10,9 @@ only SEPO and the evaluation run again. Each point is one run: the gold judge's 
 pre-trained model (95% bootstrap interval over prompts) and the reward-model score, against the perplexity
 of the samples under the pre-trained model.
 """
+import argparse
 import json
 import os
-import sys
 
 import matplotlib
 
@@ -19,9 +20,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def main(folders: list[str], out: str = os.path.join(os.path.dirname(__file__), "text_tradeoff.png")) -> None:
+def main(folders: list[str], out: str = "") -> None:
     if not folders:
-        raise SystemExit("usage: python docs/text_tradeoff.py RUN_FOLDER [RUN_FOLDER ...]")
+        raise SystemExit("usage: python docs/text_tradeoff.py RUN_FOLDER [RUN_FOLDER ...] [--out FIGURE]")
+    out = out or os.path.join(folders[0], "tradeoff.png")  # never docs/text_tradeoff.png unless asked
     runs = []
     for d in folders:
         name = next(f for f in sorted(os.listdir(d)) if f.startswith("results_steps") and f.endswith(".json"))
@@ -60,4 +62,8 @@ def main(folders: list[str], out: str = os.path.join(os.path.dirname(__file__), 
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", help="train_text.py runs' folders, one per KL weight")
+    p.add_argument("--out", default="", help="the figure (default: tradeoff.png in the first run's folder)")
+    args = p.parse_args()
+    main(args.runs, out=args.out)

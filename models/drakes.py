@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from data.drakes import HEPG2, RELEASE, DrakesScorer, find_release, load_reference
+from data.drakes import GOSAI_ROWS, HEPG2, RELEASE, DrakesScorer, find_release, load_reference
 from .safe_load import CheckpointError, load_checkpoint, load_strict, to_plain
 
 BASES = "ACGT"
@@ -475,6 +475,9 @@ def load_release(base_dir: Optional[str], overrides: Mapping[str, Optional[str]]
         print(f"[release] WARNING: column {atac_column} is not named HepG2; --atac-column picks another")
     reference = load_reference(paths["data"])
     print(f"[release] reference set: {len(reference)} sequences of {paths['data']} (HepG2 > 0.999 quantile)")
+    if len(reference) < GOSAI_ROWS // 2000:  # a table of under half the rows: not the release's
+        print(f"[release] WARNING: DRAKES's gosai_all.csv (about {GOSAI_ROWS:,} rows) gives about "
+              f"{GOSAI_ROWS // 1000} reference sequences: the 3-mer and JASPAR columns are not DRAKES's")
     scorer = DrakesScorer(nets["pretrained"], nets["eval_oracle"], nets["atac"], reference, atac_column,
                           eval_steps)
     return {**nets, "scorer": scorer, "paths": paths, "atac_task": atac[atac_column]}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import math
 import os
 import re
@@ -345,8 +346,24 @@ def _from_pretrained(cls, path_or_id: str, local_files_only: bool, **kwargs):
         local = os.path.isdir(path_or_id)
         where = "the local folder" if local else "the Hugging Face hub id (no such local path)"
         reason = str(e).strip().splitlines()[0].rstrip(".")
-        raise ValueError(f"{path_or_id}: cannot load {cls.__name__} from {where} ({reason}); offline, "
-                         "download the model first and pass its folder") from None
+        if reason.startswith("Unrecognized model"):  # its first line lists every model type: ~5000 characters
+            reason = "its config.json names no transformers model_type"
+            if local and _is_sedd_config(os.path.join(path_or_id, "config.json")):
+                raise ValueError(f"{path_or_id}: a SEDD diffusion model (its config.json is SEDD's: graph, "
+                                 f"noise, model), not a transformers {cls.__name__}") from None
+        hint = "" if local else "; offline, download the model first and pass its folder"
+        reason = reason[:300]
+        raise ValueError(f"{path_or_id}: cannot load {cls.__name__} from {where} ({reason}){hint}") from None
+
+
+def _is_sedd_config(path: str) -> bool:
+    """Whether a config.json is a SEDD checkpoint's (models/sedd.py): its Hydra config, no model_type."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and {"graph", "noise", "model"} <= set(config)
 
 
 def load_transformers_reward_model(path_or_id: str, batch_size: int = 8,
