@@ -357,13 +357,14 @@ def _from_pretrained(cls, path_or_id: str, local_files_only: bool, **kwargs):
 
 
 def _is_sedd_config(path: str) -> bool:
-    """Whether a config.json is a SEDD checkpoint's (models/sedd.py): its Hydra config, no model_type."""
+    """Whether a config.json is a SEDD checkpoint's: one that models/sedd.py's architecture() accepts."""
+    from .sedd import architecture
     try:
         with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError):
+            architecture(json.load(f))
+    except (OSError, ValueError, TypeError, KeyError):  # unreadable, no JSON, or no SEDD config
         return False
-    return isinstance(config, dict) and {"graph", "noise", "model"} <= set(config)
+    return True
 
 
 def load_transformers_reward_model(path_or_id: str, batch_size: int = 8,
